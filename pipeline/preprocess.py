@@ -1,0 +1,526 @@
+"""Ray Data job: raw media files -> normalised rows -> Parquet shards + rejects + manifest.
+
+One streaming pass; nothing decoded is ever materialised:
+    list inputs on the driver (fsspec: local or gs://)  ->  ray.data.from_items(listing)
+    -> map_batches(decode_batch): read bytes + decode each row; a failure becomes a reject row
+    -> write_datasink(ShardSink): rows routed by `split` to train/ val/ rejects/
+    -> manifest.json, written last (its presence means "finished").
+
+Shape letters: S image/frame side, T audio samples, F frames.
+Row: id str, label int64 (-1: none), label_name str, source str, split str ("train"/"val"),
+     then per modality: image -> image uint8 (S, S, 3); audio -> audio float32 (T,);
+     video -> video uint8 (F, S, S, 3); audio+video -> video, audio, has_audio bool.
+Reject row: source, id, reason, detail.
+
+Crash safety: before touching shards the job writes `_HIP_INCOMPLETE` and deletes any old
+manifest; then it clears train/ val/ rejects/, writes, writes the manifest, drops the marker.
+A crashed run therefore leaves a marker and no manifest, and the rerun clears its partial
+folders before writing, so rows are never duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import io
+import json
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from pipeline import media, shards
+from pipeline.config import PreprocessConfig, config_hash, config_to_dict
+
+MARKER = "_HIP_INCOMPLETE"
+ACCEPTED_COLUMNS = ["id", "label", "label_name", "source", "split"]
+REJECT_COLUMNS = ["source", "id", "reason", "detail"]
+FORMAT = "hip-shards/1"
+
+
+class PreflightError(ValueError):
+    """A problem found before any Ray work; the message is one line for the user."""
+
+
+class _Reject(Exception):
+    """A reject found by the job itself (media.MediaError covers decoding): reasons
+    "unreadable" (the file could not be read) and "decode_error" (unexpected failure)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+# --------------------------------------------------------------------------------------
+# Decoding (runs inside Ray workers)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a decode worker needs: the modality, the decoder settings and output shapes."""
+
+    modality: str
+    image: dict[str, int]
+    audio: dict[str, int]
+    video: dict[str, int]
+
+    @classmethod
+    def from_config(cls, cfg: PreprocessConfig) -> DecodeSpec:
+        a = cfg.audio
+        return cls(
+            modality=cfg.modality,
+            image={"size": cfg.image.size, "max_pixels": cfg.image.max_pixels},
+            audio={"sample_rate": a.sample_rate, "num_samples": a.num_samples,
+                   "min_samples": a.min_samples},
+            video={"num_frames": cfg.video.frames, "size": cfg.video.size,
+                   "max_pixels": cfg.video.max_pixels},
+        )
+
+    @property
+    def tensors(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Tensor column -> (per-row shape, dtype)."""
+        s, f = self.video["size"], self.video["num_frames"]
+        video = {"video": ((f, s, s, 3), "uint8")}
+        audio = {"audio": ((self.audio["num_samples"],), "float32")}
+        return {
+            "image": {"image": ((self.image["size"],) * 2 + (3,), "uint8")},
+            "audio": audio,
+            "video": video,
+            "audio+video": {**video, **audio, "has_audio": ((), "bool")},
+        }[self.modality]
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        """Bytes of one file -> {column: array}; raises media.MediaError on bad input."""
+        if self.modality == "image":
+            return {"image": media.decode_image(data, **self.image)}
+        if self.modality == "audio":
+            return {"audio": media.decode_audio(data, **self.audio)}
+        with_audio = self.modality == "audio+video"
+        kwargs = {"sample_rate": self.audio["sample_rate"],
+                  "num_samples": self.audio["num_samples"]} if with_audio else {}
+        frames, audio, has_audio = media.decode_video(
+            data, **self.video, with_audio=with_audio, **kwargs
+        )
+        if not with_audio:
+            return {"video": frames}
+        if audio is None:  # no audio track: silence, flagged
+            audio = np.zeros(self.audio["num_samples"], np.float32)
+        return {"video": frames, "audio": audio, "has_audio": bool(has_audio)}
+
+
+def _read_each(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[bytes | Exception]:
+    """Whole-file bytes per path, in order; an error is yielded in place, never raised."""
+    if getattr(fs, "async_impl", False):  # gcsfs: fetch the batch concurrently, not serially
+        async def fetch() -> list[Any]:
+            jobs = (fs._cat_file(p) for p in paths)
+            return await asyncio.gather(*jobs, return_exceptions=True)
+
+        yield from fsspec.asyn.sync(fs.loop, fetch)
+        return
+    for p in paths:  # local: one file in memory at a time
+        try:
+            data = fs.cat_file(p)
+        except Exception as e:  # one unreadable file must not end the job
+            data = e
+        yield data
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], spec: DecodeSpec, fs: fsspec.AbstractFileSystem
+) -> pa.Table:
+    """Listing rows (B) -> decoded rows (B): tensors, or zeros + split="rejects" + reason.
+
+    Tensors leave as raw bytes (see shards.tensor_to_arrow). Rejects keep zero tensors only
+    in flight (one schema per block); ShardSink drops those columns for rejects/.
+    """
+    paths = [str(p) for p in batch["path"]]
+    n = len(paths)
+    out = {k: np.zeros((n, *shape), dtype) for k, (shape, dtype) in spec.tensors.items()}
+    split = [str(s) for s in batch["split"]]
+    reason, detail = [""] * n, [""] * n
+    for i, data in enumerate(_read_each(fs, paths)):
+        try:
+            if isinstance(data, BaseException):
+                raise _Reject("unreadable", f"{type(data).__name__}: {data}")
+            values = spec.decode(data)
+            for key, (shape, dtype) in spec.tensors.items():
+                value = np.asarray(values[key])
+                if value.shape != shape or value.dtype != np.dtype(dtype):
+                    raise _Reject(
+                        "decode_error", f"{key}: got {value.dtype}{value.shape}, "
+                        f"expected {dtype}{shape}")
+                out[key][i] = value
+        except Exception as e:  # quarantine every failure as a reject
+            reason[i] = getattr(e, "reason", "decode_error")
+            detail[i] = (getattr(e, "detail", "") or f"{type(e).__name__}: {e}")[:500]
+            split[i] = shards.REJECTS
+    text = {"id": batch["id"], "label_name": batch["label_name"], "source": batch["source"],
+            "split": split, "reason": reason, "detail": detail}
+    columns = {k: pa.array([str(x) for x in v], pa.string()) for k, v in text.items()}
+    columns["label"] = pa.array(np.asarray(batch["label"], np.int64))
+    for key, (shape, _) in spec.tensors.items():  # scalars (has_audio) stay plain columns
+        columns[key] = shards.tensor_to_arrow(out[key]) if shape else pa.array(out[key])
+    return pa.table(columns)
+
+
+class Decoder:
+    """decode_batch as a callable class, for ActorPoolStrategy (state set up once)."""
+
+    def __init__(self, spec: DecodeSpec, fs: fsspec.AbstractFileSystem):
+        self.spec, self.fs = spec, fs
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return decode_batch(batch, self.spec, self.fs)
+
+
+# --------------------------------------------------------------------------------------
+# Inputs: files, labels, ids, splits, fingerprint (driver side, before Ray)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Listing:
+    rows: list[dict[str, Any]]  # id, label, label_name, source, path, split per input file
+    classes: list[str]  # label -> name
+    ignored: int  # files without the modality's extensions
+    labels_unmatched: int  # CSV rows naming no input file
+    fingerprint: str  # sha256 over input root, relative paths, sizes, mtimes, labels CSV
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+
+def list_inputs(cfg: PreprocessConfig) -> Listing:
+    """Media files under cfg.input (hidden files skipped) with labels, ids and splits.
+
+    id = sha256 of the path relative to the input root, so ids and splits survive moving
+    the dataset (local disk <-> bucket). Labels: `--labels` CSV, else the first sub-folder
+    (ImageFolder), else -1. Raises ValueError with a one-line message.
+    """
+    fs, root = shards.resolve(cfg.input)
+    if not fs.exists(root):
+        raise ValueError(f"input {cfg.input} does not exist")
+    if not fs.isdir(root):
+        raise ValueError(f"input {cfg.input} is not a folder")
+    kind = "video" if cfg.modality == "audio+video" else cfg.modality
+    exts = media.EXTENSIONS[kind]
+    files, ignored = [], 0
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        rel = posixpath.relpath(path, root)
+        if info.get("type") == "directory" or any(p.startswith(".") for p in rel.split("/")):
+            continue
+        if posixpath.splitext(rel)[1].lower() not in exts:
+            ignored += 1
+            continue
+        files.append((rel, path, info))
+    if not files:
+        raise ValueError(f"no {kind} files ({' '.join(sorted(exts))}) under {cfg.input}")
+    rels = [rel for rel, _, _ in files]
+    if cfg.labels:
+        names, unmatched, csv_digest = _labels_from_csv(cfg.labels, fs, root, rels)
+    else:
+        names = {rel: rel.split("/")[0] for rel in rels if "/" in rel}
+        unmatched, csv_digest = 0, ""
+    classes = sorted(set(names.values()), key=_class_key)
+    index = {name: i for i, name in enumerate(classes)}
+    scheme = "" if shards.is_local(cfg.input) else cfg.input.split("://")[0] + "://"
+    rows, stamps = [], []
+    for rel, path, info in files:
+        rid = hashlib.sha256(rel.encode()).hexdigest()[:16]
+        val = int(rid[:8], 16) / 2**32 < cfg.split.val_fraction
+        name = names.get(rel, "")
+        rows.append({"id": rid, "label": index.get(name, -1), "label_name": name,
+                     "source": scheme + path, "path": path, "split": "val" if val else "train"})
+        stamp = next((info[k] for k in ("mtime", "updated", "LastModified", "generation",
+                                        "etag") if info.get(k) is not None), "")
+        stamps.append([rel, info.get("size"), str(stamp)])
+    blob = json.dumps([scheme + root, stamps, csv_digest], sort_keys=True)
+    return Listing(rows, classes, ignored, unmatched, hashlib.sha256(blob.encode()).hexdigest())
+
+
+def _labels_from_csv(
+    uri: str, fs: fsspec.AbstractFileSystem, root: str, rels: list[str]
+) -> tuple[dict[str, str], int, str]:
+    """CSV `path,label` (optional header; paths relative to the input root, or absolute /
+    URIs inside it) -> ({relative path: label name}, unmatched rows, content sha256)."""
+    try:
+        lfs, lpath = shards.resolve(uri)
+        text = lfs.cat_file(lpath).decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read labels CSV {uri}: {e}") from None
+    names: dict[str, str] = {}
+    for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or (line == 1 and [c.strip().lower() for c in row] == ["path", "label"]):
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise ValueError(f"labels CSV {uri} line {line}: expected `path,label`, got {row}")
+        path, name = row[0].strip(), row[1].strip()
+        if "://" in path or os.path.isabs(path):
+            path = posixpath.relpath(shards.resolve(path)[1], root)
+        rel = posixpath.normpath(path)
+        if names.setdefault(rel, name) != name:
+            raise ValueError(f"labels CSV {uri} line {line}: {rel} labelled twice")
+    known = set(rels)
+    matched = {rel: name for rel, name in names.items() if rel in known}
+    if not matched:
+        raise ValueError(f"labels CSV {uri} names none of the {len(rels)} input files "
+                         "(paths must be relative to --input)")
+    return matched, len(names) - len(matched), hashlib.sha256(text.encode()).hexdigest()
+
+
+def _class_key(name: str) -> tuple[int, int, str]:
+    """Numeric class names sort as numbers ("2" < "10"), so "0".."K-1" keep their value."""
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+# --------------------------------------------------------------------------------------
+# Pre-flight: everything checkable before Ray starts
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    cfg: PreprocessConfig
+    listing: Listing
+    config_hash: str
+    up_to_date: bool
+    existing: dict[str, Any] | None  # the manifest already in the output, if any
+
+
+def preflight(cfg: PreprocessConfig, *, overwrite: bool = False) -> Plan:
+    """Validate locations, list inputs, decide between skip and run. Raises PreflightError."""
+    for key in ("input", "output"):
+        if not getattr(cfg, key):
+            raise PreflightError(f"--{key} is required")
+    try:
+        listing = list_inputs(cfg)
+    except (ValueError, OSError) as e:
+        raise PreflightError(str(e)) from None
+    _check_output(cfg.input, cfg.output)
+    digest = config_hash(cfg, exclude=set(cfg.LOCATION_KEYS))
+    existing = _read_manifest(cfg.output)
+    if existing is not None:
+        same = (existing.get("config_hash"), existing.get("input_fingerprint")) == (
+            digest, listing.fingerprint)
+        if not same and not overwrite:
+            raise PreflightError(
+                f"{cfg.output} holds shards from a different config or inputs; "
+                "pass --overwrite to replace them")
+        if same and not overwrite and not _missing_files(existing, cfg.output):
+            return Plan(cfg, listing, digest, True, existing)
+        # Otherwise rebuild: --overwrite, or our own output (it has our manifest) lost files.
+    elif not overwrite and not shards.exists(shards.join(cfg.output, MARKER)):
+        ours = [d for d in (*shards.SPLITS, shards.REJECTS)
+                if shards.exists(shards.join(cfg.output, d))]
+        if ours:
+            raise PreflightError(
+                f"{cfg.output} has {', '.join(ours)}/ but no manifest.json or run marker "
+                "(not written by hip preprocess?); choose another output or pass --overwrite")
+    return Plan(cfg, listing, digest, False, existing)
+
+
+def _check_output(input_uri: str, output_uri: str) -> None:
+    in_fs, in_path = shards.resolve(input_uri)
+    out_fs, out_path = shards.resolve(output_uri)
+    if in_fs.protocol == out_fs.protocol:
+        a, b = in_path.rstrip("/") + "/", out_path.rstrip("/") + "/"
+        if a.startswith(b) or b.startswith(a):
+            raise PreflightError(f"input {input_uri} and output {output_uri} overlap")
+    probe = f"{out_path}/.hip-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        if out_fs.exists(out_path) and not out_fs.isdir(out_path):
+            raise PreflightError(f"output {output_uri} is a file, not a folder")
+        if shards.is_local(output_uri):  # object stores have no folders (and gcsfs'
+            out_fs.makedirs(out_path, exist_ok=True)  # makedirs would create buckets)
+        with out_fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        out_fs.rm(probe)
+    except PreflightError:
+        raise
+    except Exception as e:  # any failure here means "cannot write there"
+        why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise PreflightError(f"output {output_uri} is not writable ({why})") from None
+
+
+def _read_manifest(output: str) -> dict[str, Any] | None:
+    """The output's manifest, or None if there is none."""
+    uri = shards.join(output, shards.MANIFEST)
+    if not shards.exists(uri):
+        return None
+    try:
+        return shards.read_json(uri)
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"{uri} is unreadable ({e}); pass --overwrite to rebuild") from None
+
+
+def _missing_files(manifest: dict[str, Any], output: str) -> int:
+    """How many shard files the manifest lists but the output no longer has."""
+    fs, path = shards.resolve(output)
+    present = {posixpath.relpath(p, path) for p in fs.find(path)} if fs.exists(path) else set()
+    listed = [f["path"] for files in manifest.get("files", {}).values() for f in files]
+    return sum(1 for rel in listed if rel not in present)
+
+
+# --------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------
+
+
+def run_preprocess(
+    cfg: PreprocessConfig, *, overwrite: bool = False, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Pre-flight, then (unless up to date) the Ray Data job. Returns the manifest."""
+    plan = preflight(cfg, overwrite=overwrite)
+    if plan.up_to_date:
+        echo(f"up to date: {cfg.output} (config and {plan.listing.count} inputs unchanged; "
+             "--overwrite to rebuild)")
+        return plan.existing
+    from pipeline.runtime import init_ray  # Ray only after every cheap check passed
+
+    init_ray()
+    _start_run(cfg.output)
+    manifest = _execute(plan, echo)
+    shards.write_json(shards.join(cfg.output, shards.MANIFEST), manifest)
+    fs, path = shards.resolve(cfg.output)
+    fs.rm(f"{path}/{MARKER}")
+    echo(summary(manifest))
+    return manifest
+
+
+def _start_run(output: str) -> None:
+    """Mark the output incomplete, then drop the manifest and every shard folder we own."""
+    fs, path = shards.resolve(output)
+    with fs.open(f"{path}/{MARKER}", "w") as f:
+        f.write(json.dumps({"started": _now()}) + "\n")
+    for name in (shards.MANIFEST, *shards.SPLITS, shards.REJECTS):
+        if fs.exists(f"{path}/{name}"):
+            fs.rm(f"{path}/{name}", recursive=True)
+
+
+def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
+    import ray.data
+
+    from pipeline.runtime import cluster_cpus
+
+    cfg, listing = plan.cfg, plan.listing
+    spec = DecodeSpec.from_config(cfg)
+    in_fs, _ = shards.resolve(cfg.input)
+    workers = cfg.read.concurrency or max(1, int(cluster_cpus() // cfg.read.num_cpus))
+    rows_per_file = _rows_per_file(cfg, spec)
+    # Small inputs: smaller batches so every worker gets some (batch_size is an upper bound).
+    batch = max(1, min(cfg.read.batch_size, -(-listing.count // workers)))
+    echo(f"preprocessing {listing.count} {cfg.modality} files: {cfg.input} -> {cfg.output} "
+         f"({workers} decode {cfg.read.strategy}, batch {batch}, {rows_per_file} rows/file)")
+    # One listing block per decode batch, and batch_size=None below (= one whole block per
+    # call): with batch_size=B, Ray would bundle blocks of ~B rows into tasks of ~2B.
+    ds = ray.data.from_items(listing.rows, override_num_blocks=-(-listing.count // batch))
+    if cfg.read.strategy == "actors":
+        ds = ds.map_batches(
+            Decoder, fn_constructor_args=(spec, in_fs), batch_size=None,
+            batch_format="numpy", num_cpus=cfg.read.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=workers))
+    else:
+        ds = ds.map_batches(
+            decode_batch, fn_kwargs={"spec": spec, "fs": in_fs},
+            batch_size=None, batch_format="numpy", num_cpus=cfg.read.num_cpus,
+            compute=ray.data.TaskPoolStrategy(size=workers))
+    tensors = list(spec.tensors)
+    sink = shards.ShardSink(
+        cfg.output, tensors={k: v for k, v in spec.tensors.items() if v[0]},
+        rows_per_file=rows_per_file, compression=cfg.shards.compression,
+        run_id=uuid.uuid4().hex[:8],
+        columns={"train": ACCEPTED_COLUMNS + tensors, "val": ACCEPTED_COLUMNS + tensors,
+                 shards.REJECTS: REJECT_COLUMNS})
+    start = time.perf_counter()
+    # Writers get less than a decode worker's CPU: writing is cheap, and differing
+    # resources keep Ray from fusing decode+write into tasks of a whole file's rows each.
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    elapsed = time.perf_counter() - start
+    return build_manifest(plan, spec, sink.result, elapsed)
+
+
+def _rows_per_file(cfg: PreprocessConfig, spec: DecodeSpec) -> int:
+    """Rows per shard file from the MB target (uncompressed) and the row bound."""
+    row_bytes = 200 + sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in spec.tensors.values())
+    limits = [cfg.shards.max_rows_per_file or 1 << 40]
+    if cfg.shards.target_mb_per_file:
+        limits.append(int(cfg.shards.target_mb_per_file * 2**20 // row_bytes))
+    return max(1, min(limits))
+
+
+def build_manifest(
+    plan: Plan, spec: DecodeSpec, result: dict[str, Any], elapsed: float
+) -> dict[str, Any]:
+    cfg, listing = plan.cfg, plan.listing
+    counts = result["counts"]
+    split_rows = {s: sum(f["rows"] for f in result["files"][s]) for s in shards.SPLITS}
+    rejected = sum(f["rows"] for f in result["files"][shards.REJECTS])
+    accepted = sum(split_rows.values())
+    if accepted + rejected != listing.count:  # a lost or duplicated row is a bug: no manifest
+        raise RuntimeError(f"{listing.count} inputs but {accepted} accepted + {rejected} "
+                           "rejected were written")
+    per_label: dict[str, int] = {}
+    for s in shards.SPLITS:
+        for name, n in counts[s].items():
+            per_label[name or "(unlabeled)"] = per_label.get(name or "(unlabeled)", 0) + n
+    columns = {k: {"shape": list(shape), "dtype": d} for k, (shape, d) in spec.tensors.items()}
+    return {
+        "format": FORMAT, "modality": cfg.modality,
+        "inputs": listing.count, "accepted": accepted, "rejected": rejected,
+        "ignored_files": listing.ignored, "labels_unmatched": listing.labels_unmatched,
+        "splits": split_rows,
+        "classes": listing.classes,
+        "label_counts": dict(sorted(per_label.items())),
+        "split_label_counts": {s: {k or "(unlabeled)": v for k, v in sorted(counts[s].items())}
+                               for s in shards.SPLITS},
+        "rejects_by_reason": dict(sorted(counts[shards.REJECTS].items())),
+        "columns": columns,  # tensors: raw C-order bytes per row (shards.tensor_to_arrow)
+        "schema": {"rows": result["schemas"].get("train") or result["schemas"].get("val"),
+                   "rejects": result["schemas"].get(shards.REJECTS)},
+        "files": result["files"],
+        "config": config_to_dict(cfg), "config_hash": plan.config_hash,
+        "input_fingerprint": listing.fingerprint,
+        "created": _now(), "elapsed_s": round(elapsed, 3),
+        "rows_per_s": round(listing.count / elapsed, 2) if elapsed > 0 else None,
+        "versions": _versions(),
+    }
+
+
+def summary(m: dict[str, Any]) -> str:
+    """The end-of-job report: counts, rejects by reason, speed, where the shards are."""
+    out = m["config"]["output"]
+    reasons = ", ".join(f"{k} {v}" for k, v in m["rejects_by_reason"].items()) or "none"
+    files = ", ".join(f"{shards.join(out, s)}/ ({len(m['files'][s])} files)"
+                      for s in (*shards.SPLITS, shards.REJECTS))
+    shapes = ", ".join(f"{k} {c['dtype']}{tuple(c['shape'])}" for k, c in m["columns"].items())
+    return "\n".join([
+        f"done: {m['inputs']} inputs -> {m['accepted']} accepted (train {m['splits']['train']}, "
+        f"val {m['splits']['val']}), {m['rejected']} rejected in {m['elapsed_s']:.1f} s "
+        f"({m['rows_per_s']} rows/s)",
+        f"  rejects: {reasons}",
+        f"  rows: {shapes}; {len(m['classes'])} classes",
+        f"  shards: {files}",
+        f"  manifest: {shards.join(out, shards.MANIFEST)}",
+    ])
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+    import ray
+
+    return {"ray": ray.__version__, "pyarrow": pyarrow.__version__, "numpy": np.__version__}
