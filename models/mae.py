@@ -13,7 +13,8 @@ Masking kinds:
 - "groupwise" (the paper's 85% HiP-16 setting): each example draws one set of relative
   positions inside a group and hides it in every group, so every group keeps the same
   number of visible tokens and visible chunks line up with the groups exactly. Keeps
-  M - round(ratio * M) per group; needs M divisible by the modality's group count.
+  n - round(ratio * n) of each group's n = ceil(M / G) positions (zero padding as in the
+  grouper when M does not divide).
 
 Loss: MSE over hidden positions and channels, per modality, averaged over modalities.
 Target normalisation (not published for HiP, so a config field): "none"; "token" normalises
@@ -54,22 +55,22 @@ def groupwise_mask(batch: int, length: int, groups: int, ratio: float, *, device
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hide the same relative positions in each of `groups` contiguous groups.
 
-    -> ids_keep (B, V) sorted ascending, mask (B, M) with 1 = hidden. M must divide evenly
-    into the groups (otherwise the last group is shorter and the visible counts would differ).
+    -> ids_keep (B, V) sorted ascending, mask (B, M) with 1 = hidden. When M does not divide
+    into the groups, positions are laid out as the grouper pads them (ceil(M / groups) per
+    group, zero padding at the end): ids may then point into that padding (index >= M;
+    `MaskedAutoencoder` pads the tokens the same way), which keeps V = groups * keep for
+    every example, as the grouped encoder input needs.
     """
     _check_ratio(ratio)
-    if length % groups:
-        raise ValueError(f"groupwise masking needs the length {length} to be divisible by its "
-                         f"{groups} groups; use masking='random'")
-    per_group = length // groups
+    per_group = math.ceil(length / groups)
     keep = max(1, per_group - round(ratio * per_group))
     noise = torch.rand(batch, per_group, generator=generator, device=device)
     rel = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, keep)
     offsets = torch.arange(groups, device=device)[:, None] * per_group  # (G, 1)
     ids = (offsets[None] + rel[:, None, :]).reshape(batch, groups * keep)  # (B, G*keep) sorted
-    mask = torch.ones(batch, length, device=device)
+    mask = torch.ones(batch, per_group * groups, device=device)
     mask.scatter_(1, ids, 0.0)
-    return ids, mask
+    return ids, mask[:, :length]
 
 
 def normalise_target(target: torch.Tensor, kind: str, groups: int) -> torch.Tensor:
@@ -95,6 +96,14 @@ def normalise_target(target: torch.Tensor, kind: str, groups: int) -> torch.Tens
         t = (t - mean) / (var + 1e-6).sqrt()
         return t.reshape(b, groups * n, c)[:, :m]
     raise ValueError(f"unknown target_norm {kind!r}; choose one of {TARGET_NORMS}")
+
+
+def _gather(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """tokens (B, M, E), ids (B, V) -> (B, V, E); ids >= M select zero padding tokens."""
+    pad = int(ids.max()) + 1 - tokens.shape[1] if ids.numel() else 0
+    if pad > 0:
+        tokens = nn.functional.pad(tokens, (0, 0, 0, pad))
+    return torch.gather(tokens, 1, ids[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
 class MaskedAutoencoder(nn.Module):
@@ -136,8 +145,7 @@ class MaskedAutoencoder(nn.Module):
         batch = next(iter(tokens.values())).shape[0]
         device = next(iter(tokens.values())).device
         masks = self.make_masks(batch, device, generator)  # 2. mask
-        visible = {k: torch.gather(t, 1, masks[k][0][..., None].expand(-1, -1, t.shape[-1]))
-                   for k, t in tokens.items()}  # (B, M, E) -> (B, V, E)
+        visible = {k: _gather(t, masks[k][0]) for k, t in tokens.items()}  # (B, V, E)
         latents = self.backbone.encode(visible)  # 3. encode visible tokens only
         pred = self.backbone.reconstruct(latents)  # 4. decode every position: dict (B, M, C)
         losses = []  # 5. loss on hidden positions

@@ -194,10 +194,12 @@ class LoadReport(NamedTuple):
     unexpected: list[str]  # in the MAE state, not in the classifier (decoder, recon head)
 
 
-def load_mae_weights(classifier: nn.Module, mae_state: Mapping[str, Any]) -> LoadReport:
+def load_mae_weights(classifier: nn.Module, mae_state: Mapping[str, Any], *,
+                     dry_run: bool = False) -> LoadReport:
     """Copy the shared encoder/processor weights of an MAE state dict into a classifier.
 
     Raises ValueError naming the keys whose shapes differ (a different preset or input size).
+    dry_run=True only checks and reports (works on a meta-device model).
     """
     own = classifier.state_dict()
     shared = {k: v for k, v in mae_state.items() if k in own}
@@ -205,7 +207,8 @@ def load_mae_weights(classifier: nn.Module, mae_state: Mapping[str, Any]) -> Loa
            if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         raise ValueError("MAE weights do not fit this classifier: " + "; ".join(bad[:5]))
-    classifier.load_state_dict(shared, strict=False)
+    if not dry_run:
+        classifier.load_state_dict(shared, strict=False)
     return LoadReport(loaded=sorted(shared), missing=sorted(set(own) - set(mae_state)),
                       unexpected=sorted(set(mae_state) - set(own)))
 

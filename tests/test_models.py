@@ -137,6 +137,15 @@ def test_groupwise_mask_hides_the_same_positions_in_every_group_and_is_seeded():
     assert not torch.equal(per_group[0], per_group[1])  # examples differ
 
 
+def test_groupwise_mask_on_a_length_that_does_not_divide_stays_rectangular():
+    ids, mask = groupwise_mask(4, 10, 3, 0.5, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (4, 3 * 2) and mask.shape == (4, 10)  # ceil(10/3)=4 per group, keep 2
+    model = create_model("hip_tiny", inputs={"image": (30, 3)}, task="mae", mask_ratio=0.5)
+    loss, pred, m = model(_batch({"image": (30, 3)}))  # 30 positions in 4 groups of 8
+    assert torch.isfinite(loss) and pred["image"].shape == (2, 30, 3) and m["image"].shape == (
+        2, 30)
+
+
 def test_random_mask_counts():
     ids, mask = random_mask(2, 100, 0.85, generator=torch.Generator().manual_seed(0))
     assert ids.shape == (2, 15) and (mask.sum(1) == 85).all()

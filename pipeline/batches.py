@@ -1,0 +1,66 @@
+"""From shard rows to model inputs: input specs from the manifest, batch normalisation.
+
+Shape letters: B batch, H/W image size, F frames, T audio samples, M positions, C channels.
+Shard columns (DESIGN.md): image uint8 (B, H, W, 3); audio float32 (B, T); video uint8
+(B, F, H, W, 3). Model input: dict modality -> (B, M, C) float32, positions in raster order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+# ImageNet statistics: a standard choice for RGB pixels (audio is already in [-1, 1]).
+RGB_MEAN = (0.485, 0.456, 0.406)
+RGB_STD = (0.229, 0.224, 0.225)
+TENSOR_COLUMNS = {"image": ("image",), "audio": ("audio",), "video": ("video",),
+                  "audio+video": ("video", "audio")}
+
+
+def dataset_modality(manifest: Mapping[str, Any]) -> str:
+    mod = manifest.get("modality") or manifest.get("config", {}).get("modality")
+    if mod not in TENSOR_COLUMNS:
+        raise ValueError(f"manifest names no known modality (got {mod!r})")
+    return mod
+
+
+def input_spec(manifest: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Manifest column shapes -> the model's inputs {modality: (M, C)}."""
+    columns = manifest["columns"]
+    spec: dict[str, tuple[int, int]] = {}
+    for col in TENSOR_COLUMNS[dataset_modality(manifest)]:
+        shape = tuple(columns[col]["shape"])
+        if col == "audio":
+            spec[col] = (shape[0], 1)
+        else:  # image (H, W, 3) or video (F, H, W, 3)
+            m = 1
+            for n in shape[:-1]:
+                m *= n
+            spec[col] = (m, shape[-1])
+    return spec
+
+
+def to_model_input(batch: Mapping[str, torch.Tensor], spec: Mapping[str, tuple[int, int]]
+                   ) -> dict[str, torch.Tensor]:
+    """Raw shard tensors -> normalised float (B, M, C); works on any device."""
+    out = {}
+    for name, (m, c) in spec.items():
+        x = batch[name]
+        b = x.shape[0]
+        if name == "audio":
+            out[name] = x.float().reshape(b, m, 1)  # (B, T) -> (B, T, 1)
+        else:
+            x = x.reshape(b, m, c).float() / 255.0  # (B, [F,] H, W, 3) -> (B, M, 3)
+            mean = torch.tensor(RGB_MEAN, device=x.device)
+            std = torch.tensor(RGB_STD, device=x.device)
+            out[name] = (x - mean) / std
+    return out
+
+
+def to_pixels(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Normalised image tokens (B, H*W, 3) -> pixels in [0, 1], (B, H, W, 3)."""
+    mean = torch.tensor(RGB_MEAN, device=x.device)
+    std = torch.tensor(RGB_STD, device=x.device)
+    return (x.float() * std + mean).clamp(0, 1).reshape(x.shape[0], *size, 3)

@@ -1,0 +1,64 @@
+"""Training checkpoints: one `state.pt` per checkpoint, loadable with weights_only=True.
+
+Content: model (unwrapped state dict), optimizer, scheduler, step, torch RNG state, the
+resolved config (plain dict) and the dataset manifest hash. Only tensors, numbers, strings,
+lists and dicts, so `torch.load(..., weights_only=True)` can read it: no pickled code.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import shards, tracking
+
+STATE_FILE = "state.pt"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP / FSDP wrappers keep the model in .module
+
+
+def make_state(model, optimizer, scheduler, *, step: int, config: Mapping[str, Any],
+               manifest_hash: str) -> dict[str, Any]:
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step,
+            "rng": torch.get_rng_state(), "config": dict(config),
+            "manifest_hash": manifest_hash}
+
+
+def save_state(state: Mapping[str, Any], folder: str | Path) -> Path:
+    path = Path(folder) / STATE_FILE
+    torch.save(dict(state), path)
+    return path
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a state file (local path or fsspec URI) with weights_only=True."""
+    fs, p = shards.resolve(str(path))
+    with fs.open(p, "rb") as f:
+        return torch.load(f, map_location=map_location, weights_only=True)
+
+
+def resolve_init(init_from: str, tracking_uri: str, workdir: str | Path) -> Path:
+    """`--init-from` -> a local state file: an MLflow run id, a checkpoint folder or file
+    (local or gs://). Raises FileNotFoundError with what was tried."""
+    if "/" not in init_from and not Path(init_from).exists():
+        # An MLflow run id: its final model artifact.
+        return tracking.download_artifact(tracking_uri, init_from,
+                                          tracking.FINAL_MODEL_ARTIFACT, workdir)
+    target = init_from.rstrip("/")
+    if not target.endswith(".pt"):
+        target = shards.join(target, STATE_FILE)
+    if not shards.exists(target):
+        raise FileNotFoundError(f"--init-from {init_from}: no checkpoint at {target}")
+    if shards.is_local(target):
+        return Path(target)
+    local = Path(tempfile.mkdtemp(dir=workdir)) / STATE_FILE
+    fs, p = shards.resolve(target)
+    fs.get(p, str(local))
+    return local

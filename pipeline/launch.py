@@ -1,0 +1,196 @@
+"""The training driver: validate, open the MLflow run, build the TorchTrainer, fit, record.
+
+Everything that can be checked without Ray is checked first (config, manifest, the model
+builds for the data's shapes, the init checkpoint exists), so a bad job fails in a second
+with one line instead of after a cluster start.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import checkpoints, shards, tracking
+from pipeline.batches import TENSOR_COLUMNS, dataset_modality
+from pipeline.config import config_to_dict
+from pipeline.train import FAULT_ENV, build_model, train_fn_per_worker
+from pipeline.train_config import TrainConfig, resolve_paths
+
+
+class JobError(ValueError):
+    """A job that cannot start (bad data path, model/data mismatch, missing init)."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_name: str
+    checkpoint: str | None
+    metrics: dict[str, Any]
+    elapsed_s: float
+
+
+def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """Resolve paths, read the manifest, build the model once on the meta device."""
+    cfg = resolve_paths(cfg)
+    try:
+        manifest = shards.read_manifest(cfg.data.path)
+    except FileNotFoundError as e:
+        raise JobError(f"data.path: {e}") from None
+    modality = dataset_modality(manifest)
+    if cfg.data.modality and cfg.data.modality != modality:
+        raise JobError(f"data.modality is {cfg.data.modality!r} but {cfg.data.path} holds "
+                       f"{modality!r}")
+    if not manifest.get("splits", {}).get(cfg.data.train_split):
+        raise JobError(f"{cfg.data.path} has no {cfg.data.train_split!r} rows")
+    rows = manifest["splits"][cfg.data.train_split]
+    per_worker = rows // max(1, cfg.trainer.num_workers)
+    if per_worker < cfg.optim.batch_size:
+        raise JobError(f"{rows} train rows over {cfg.trainer.num_workers} workers give "
+                       f"{per_worker} per worker, fewer than optim.batch_size="
+                       f"{cfg.optim.batch_size}")
+    if cfg.task == "classify" and len(manifest.get("classes") or []) < 2:
+        raise JobError(f"{cfg.data.path} has no labels (fewer than 2 classes): "
+                       "fine-tuning needs a labelled dataset")
+    try:
+        with torch.device("meta"):  # shape checks without allocating 100M parameters
+            build_model(cfg, manifest)
+    except (ValueError, TypeError) as e:
+        raise JobError(f"model {cfg.model.preset!r} does not fit this data: {e}") from None
+    return cfg, manifest
+
+
+def _init_weights(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Load `finetune.init_from` (run id / checkpoint URI) and check it fits the model."""
+    from models import load_mae_weights
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="hip-init-") as tmp:
+            path = checkpoints.resolve_init(cfg.finetune.init_from, cfg.tracking.uri, tmp)
+            weights = checkpoints.load_state(path)["model"]
+    except (FileNotFoundError, KeyError) as e:
+        raise JobError(f"finetune.init_from: {e}") from None
+    with torch.device("meta"):
+        model = build_model(cfg, manifest)
+    try:
+        load_mae_weights(model, weights, dry_run=True)
+    except ValueError as e:
+        raise JobError(f"finetune.init_from {cfg.finetune.init_from}: {e}") from None
+    return weights
+
+
+def _run_name(cfg: TrainConfig) -> str:
+    return cfg.tracking.run_name or (
+        f"{'pretrain' if cfg.task == 'mae' else 'finetune'}-{cfg.model.preset}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _storage(cfg: TrainConfig) -> dict[str, Any]:
+    if shards.is_local(cfg.storage.path):
+        Path(cfg.storage.path).mkdir(parents=True, exist_ok=True)
+        return {"storage_path": cfg.storage.path}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = shards.resolve(cfg.storage.path)
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
+
+
+def _datasets(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    columns = [*TENSOR_COLUMNS[dataset_modality(manifest)], "label"]
+    out = {"train": shards.open_shards(cfg.data.path, cfg.data.train_split)
+           .select_columns(columns)}
+    if manifest.get("splits", {}).get(cfg.data.val_split):
+        out["val"] = shards.open_shards(cfg.data.path, cfg.data.val_split).select_columns(columns)
+    return out
+
+
+def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
+                 extra_tags: dict[str, str] | None = None, callbacks: list | None = None,
+                 log=print) -> TrainResult:
+    """Run one pretrain/finetune job on the current (or a new local) Ray cluster."""
+    cfg, manifest = preflight(cfg)
+    init_weights = _init_weights(cfg, manifest) if cfg.finetune.init_from else None
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.runtime import init_ray
+
+    init_ray()
+    # Through the object store, so workers on other nodes get the weights too.
+    init_ref = ray.put(init_weights) if init_weights is not None else None
+    run_name = _run_name(cfg)
+    resolved = config_to_dict(cfg)
+    tags = {"hip.task": cfg.task, "hip.preset": cfg.model.preset,
+            "hip.manifest_hash": tracking.manifest_hash(manifest),
+            "hip.data": cfg.data.path, "mlflow.source.git.commit": tracking.git_commit(),
+            **cfg.tracking.tags, **(extra_tags or {})}
+    run_id = tracking.start_run(
+        cfg.tracking.uri, cfg.tracking.experiment, run_name=run_name, params=resolved,
+        tags=tags, parent_run_id=parent_run_id,
+        artifacts={"config/resolved.yaml": tracking.config_yaml(resolved),
+                   "data/manifest.json": _json(manifest)})
+    log(f"[hip] MLflow run {run_id} ({run_name}) in experiment {cfg.tracking.experiment!r} "
+        f"at {cfg.tracking.uri}")
+    log(f"[hip] checkpoints under {shards.join(cfg.storage.path, run_name)}")
+    datasets = _datasets(cfg, manifest)
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": resolved, "manifest": manifest, "run_id": run_id,
+                           "init_weights": init_ref, "init_from": cfg.finetune.init_from,
+                           "splits": list(datasets)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
+            resources_per_worker=cfg.trainer.resources_per_worker or None),
+        run_config=ray.train.RunConfig(
+            name=run_name, **_storage(cfg), callbacks=callbacks,
+            worker_runtime_env=_worker_env(),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep)),
+        datasets=datasets)
+    start = time.time()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(cfg.tracking.uri, run_id, "FAILED")
+        raise
+    elapsed = time.time() - start
+    ckpt_uri = _checkpoint_uri(cfg, result.checkpoint)
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            # checkpoint/state.pt: what `hip finetune --init-from RUN_ID` loads.
+            tracking.client(cfg.tracking.uri).log_artifact(
+                run_id, str(Path(d) / checkpoints.STATE_FILE), "checkpoint")
+    tracking.set_tags(cfg.tracking.uri, run_id, {tracking.CHECKPOINT_TAG: ckpt_uri or ""})
+    tracking.end_run(cfg.tracking.uri, run_id, "FINISHED")
+    metrics = dict(result.metrics or {})
+    return TrainResult(run_id=run_id, run_name=run_name, checkpoint=ckpt_uri, metrics=metrics,
+                       elapsed_s=elapsed)
+
+
+def _worker_env() -> dict[str, Any] | None:
+    # The test-only fault hook must reach workers of an already running cluster.
+    if os.environ.get(FAULT_ENV):
+        return {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
+    return None
+
+
+def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str | None:
+    if checkpoint is None:
+        return None
+    if shards.is_local(cfg.storage.path):
+        return checkpoint.path
+    return "gs://" + checkpoint.path.lstrip("/")
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str)

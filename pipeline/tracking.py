@@ -1,0 +1,161 @@
+"""MLflow tracking: runs, params, metrics, artifacts. Only the driver and world rank 0 call it.
+
+Everything goes through an explicit `MlflowClient(tracking_uri)` and a run id, never the
+fluent API's process-global active run: Ray workers, Tune trials and the driver each talk to
+the same run without sharing state. Any tracking URI works (sqlite:////abs/path.db or an
+`mlflow server` URL); credentials come from MLflow's own environment variables only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+MAX_PARAM_LEN = 500  # MLflow rejects longer param values
+CHECKPOINT_TAG = "hip.checkpoint_uri"
+FINAL_MODEL_ARTIFACT = "checkpoint/state.pt"  # final checkpoint of a run
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}; values made MLflow-param safe (<= 500 chars)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            text = json.dumps(v) if not isinstance(v, str) else v
+            out[key] = text if len(text) <= MAX_PARAM_LEN else text[:MAX_PARAM_LEN - 3] + "..."
+    return out
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def manifest_hash(manifest: Mapping[str, Any]) -> str:
+    blob = json.dumps(manifest, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the database (runs/mlflow.db -> runs/artifacts/), not in
+        # ./mlruns of whichever working directory happened to create the experiment.
+        db = Path(uri.removeprefix("sqlite:///"))
+        location = (db.parent / "artifacts" / name).resolve().as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another trial: read it back
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_run(uri: str, experiment: str, *, run_name: str, params: Mapping[str, Any],
+              tags: Mapping[str, str], artifacts: Mapping[str, str | bytes] | None = None,
+              parent_run_id: str | None = None) -> str:
+    """Create a run, log flattened params, tags and small text artifacts; return its id."""
+    c = client(uri)
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)
+    from mlflow.entities import Param
+
+    flat = [Param(k, v) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 100):  # log_batch takes at most 100 params per call
+        c.log_batch(run.info.run_id, params=flat[i:i + 100])
+    for name, content in (artifacts or {}).items():
+        log_bytes(uri, run.info.run_id, name, content)
+    return run.info.run_id
+
+
+def log_bytes(uri: str, run_id: str, artifact_path: str, content: str | bytes) -> None:
+    """Write `content` to a temp file and log it as artifact `artifact_path` (a/b/c.ext)."""
+    data = content.encode() if isinstance(content, str) else content
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_path).name
+        path.write_bytes(data)
+        folder = str(Path(artifact_path).parent)
+        client(uri).log_artifact(run_id, str(path), None if folder == "." else folder)
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    client(uri).log_batch(run_id, metrics=batch)
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    c = client(uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, v)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+def download_artifact(uri: str, run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    """Fetch one artifact of a run into `dst`; FileNotFoundError if the run has none."""
+    from mlflow.artifacts import download_artifacts
+
+    try:
+        return Path(download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                       dst_path=str(dst), tracking_uri=uri))
+    except Exception as e:  # MlflowException for a missing run or artifact
+        raise FileNotFoundError(f"run {run_id} has no artifact {artifact_path}: {e}") from None
+
+
+def config_yaml(config: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=False)
+
+
+def reconstruction_grid(inputs: np.ndarray, masks: np.ndarray, preds: np.ndarray) -> bytes:
+    """PNG of rows (input | masked input | reconstruction) for up to 8 images.
+
+    inputs/preds (N, H, W, 3) float in [0, 1]; masks (N, H, W) with 1 = hidden (grey).
+    """
+    from PIL import Image
+
+    n = min(8, len(inputs))
+    masked = np.where(masks[:n, :, :, None] > 0, 0.5, inputs[:n])
+    rows = [np.concatenate([inputs[i], masked[i], preds[i]], axis=1) for i in range(n)]
+    grid = np.concatenate(rows, axis=0)  # (n*H, 3*W, 3)
+    img = Image.fromarray((np.clip(grid, 0, 1) * 255).astype(np.uint8))
+    scale = max(1, 96 // inputs.shape[1])  # upscale tiny images so the grid is readable
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,142 @@
+"""Training job config (`hip pretrain`, `hip finetune`): strict pydantic sections.
+
+Sections: data, model, mae, optim, trainer, tracking, storage, finetune. Defaults are the
+embedded local setup: local Ray, MLflow in a SQLite file under runs/, checkpoints in runs/.
+Relative local paths are kept as written in the config and resolved to absolute paths by
+`resolve_paths` at job start (Ray changes each worker's working directory).
+Credentials never belong here: gs:// access comes from the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import StrictModel
+
+MODALITIES = ("image", "audio", "video", "audio+video")
+
+
+class DataSection(StrictModel):
+    path: str = Field("data/shards/image", description="shards folder/URI written by "
+                      "`hip preprocess` (holds manifest.json, train/, val/)")
+    modality: Literal["image", "audio", "video", "audio+video"] | None = Field(
+        None, description="checked against the manifest; None = take the manifest's")
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+class ModelSection(StrictModel):
+    preset: str = Field("hip_tiny", description="models.registry preset name")
+    overrides: dict[str, Any] = Field(default_factory=dict, description=(
+        "create_model overrides, e.g. {channels: [..], groups: [..], width_mult: 0.5, "
+        "processor_latents_train: 32, checkpoint_levels: true}"))
+    head: Literal["learned_query", "mean_pool"] | None = Field(
+        None, description="classification head (finetune); None = the preset's default")
+
+
+class MaeSection(StrictModel):
+    mask_ratio: float = Field(0.85, ge=0.0, lt=1.0, description="fraction of positions hidden")
+    masking: Literal["groupwise", "random"] = "groupwise"
+    target_norm: Literal["none", "token", "group"] = "none"
+
+
+class OptimSection(StrictModel):
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor as lr fraction")
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_norm: float | None = Field(1.0, gt=0.0, description="None disables clipping")
+    batch_size: int = Field(16, ge=1, description="per worker, per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="finetune only")
+
+
+class TrainerSection(StrictModel):
+    num_workers: int = Field(1, ge=0, description="Ray Train workers; 0 runs in the driver")
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    steps: int = Field(100, ge=1, description="optimizer steps in total")
+    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts (-1 = forever)")
+    seed: int = 0
+    bf16: bool = Field(True, description="bf16 autocast (+TF32) when on GPU; CPU stays fp32")
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept in storage")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resource_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        for k in v:
+            if k.lower() in ("cpu", "gpu") and k not in ("CPU", "GPU"):
+                raise ValueError(f"resource key {k!r} must be spelled 'CPU' or 'GPU'")
+        return v
+
+
+class TrackingSection(StrictModel):
+    uri: str = Field("sqlite:///runs/mlflow.db", description="MLflow tracking URI")
+    experiment: str = "hip"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        if "@" in v.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError("credentials in the tracking URI are not allowed; use "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+        return v
+
+
+class StorageSection(StrictModel):
+    path: str = Field("runs/checkpoints", description="local folder or gs:// URI for "
+                      "Ray Train checkpoints; multi-node runs need shared storage")
+
+
+class FinetuneSection(StrictModel):
+    init_from: str | None = Field(None, description="MLflow run id or checkpoint URI")
+
+
+class TrainConfig(StrictModel):
+    task: Literal["mae", "classify"] = "mae"
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    mae: MaeSection = Field(default_factory=MaeSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        from models.registry import PRESETS
+
+        if self.model.preset not in PRESETS:
+            raise ValueError(f"model.preset {self.model.preset!r} is not one of {PRESETS}")
+        if self.trainer.use_gpu and self.trainer.num_workers == 0:
+            raise ValueError("trainer.use_gpu needs trainer.num_workers >= 1")
+        if self.finetune.init_from and self.task != "classify":
+            raise ValueError("finetune.init_from is only used by task 'classify'")
+        return self
+
+
+def resolve_paths(cfg: TrainConfig, base: Path | None = None) -> TrainConfig:
+    """Make local data/storage paths and sqlite URIs absolute (workers run elsewhere)."""
+    base = base or Path.cwd()
+    out = cfg.model_copy(deep=True)
+    if "://" not in out.data.path:
+        out.data.path = str((base / out.data.path).resolve())
+    if "://" not in out.storage.path:
+        out.storage.path = str((base / out.storage.path).resolve())
+    prefix = "sqlite:///"
+    if out.tracking.uri.startswith(prefix) and not out.tracking.uri.startswith(prefix + "/"):
+        db = (base / out.tracking.uri[len(prefix):]).resolve()
+        out.tracking.uri = prefix + str(db)
+    return out

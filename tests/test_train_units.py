@@ -1,0 +1,137 @@
+"""Training pieces that need no Ray: configs, schedule, batches, checkpoints, CLI errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.batches import input_spec, to_model_input, to_pixels
+from pipeline.checkpoints import load_state, make_state, save_state
+from pipeline.config import ConfigError, load_config, read_yaml
+from pipeline.train import build_model, lr_factor, make_optimizer
+from pipeline.train_config import TrainConfig, resolve_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml"))
+                 if "task" in read_yaml(p)]
+MANIFEST = {"modality": "image", "classes": ["a", "b", "c"],
+            "columns": {"image": {"shape": [8, 8, 3], "dtype": "uint8"}}}
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_train_config_validates_and_builds(path):
+    cfg = load_config(TrainConfig, path)
+    assert cfg.model.preset
+    # The model must build for the data the config names (meta device: no allocation).
+    side = 224 if "imagenet" in path.name else 64
+    manifest = {"modality": "image", "classes": [str(i) for i in range(10)],
+                "columns": {"image": {"shape": [side, side, 3], "dtype": "uint8"}}}
+    if cfg.data.modality == "audio+video":
+        manifest = {"modality": "audio+video", "classes": ["x", "y"], "columns": {
+            "video": {"shape": [8, 224, 224, 3], "dtype": "uint8"},
+            "audio": {"shape": [122880], "dtype": "float32"}}}
+    with torch.device("meta"):
+        build_model(cfg, manifest)
+
+
+def test_train_configs_were_found():
+    names = {p.name for p in TRAIN_CONFIGS}
+    assert {"tiny.yaml", "quickstart-pretrain.yaml", "hip16-imagenet.yaml",
+            "hip256-audioset.yaml"} <= names
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"trainer\.num_wokers: unknown key \(did you mean "
+                                          r"trainer\.num_workers\?\)"):
+        load_config(TrainConfig, None, ["trainer.num_wokers=2"])
+    with pytest.raises(ConfigError, match=r"mae\.mask_ratio: .*less than 1"):
+        load_config(TrainConfig, None, ["mae.mask_ratio=1.0"])
+    with pytest.raises(ConfigError, match="model.preset 'hip17' is not one of"):
+        load_config(TrainConfig, None, ["model.preset=hip17"])
+    with pytest.raises(ConfigError, match="credentials in the tracking URI"):
+        load_config(TrainConfig, None, ["tracking.uri=http://bob:pw@host:5000"])
+
+
+def test_resolve_paths_makes_local_paths_absolute(tmp_path):
+    cfg = resolve_paths(TrainConfig(), base=tmp_path)
+    assert cfg.data.path == str(tmp_path / "data/shards/image")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    remote = TrainConfig.model_validate({"storage": {"path": "gs://b/ckpt"}})
+    assert resolve_paths(remote, base=tmp_path).storage.path == "gs://b/ckpt"
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig.model_validate({"optim": {"warmup_steps": 4, "min_lr_ratio": 0.1},
+                                      "trainer": {"steps": 20}})
+    f = [lr_factor(s, cfg) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False))
+    assert f[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_weight_decay_skips_biases_norms_and_tables():
+    cfg = TrainConfig()
+    model = build_model(cfg, MANIFEST)
+    opt = make_optimizer(model, cfg)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim >= 2 and not name.endswith(".table")), name
+
+
+def test_batches_become_normalised_model_inputs_and_back():
+    spec = input_spec(MANIFEST)
+    assert spec == {"image": (64, 3)}
+    img = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    x = to_model_input({"image": img}, spec)["image"]
+    assert x.shape == (2, 64, 3) and x.dtype == torch.float32
+    torch.testing.assert_close(to_pixels(x, (8, 8)), img.float() / 255, atol=1e-5, rtol=0)
+    av = {"modality": "audio+video", "columns": {"video": {"shape": [2, 4, 4, 3]},
+                                                 "audio": {"shape": [100]}}}
+    assert input_spec(av) == {"video": (32, 3), "audio": (100, 1)}
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    cfg = TrainConfig()
+    model = build_model(cfg, MANIFEST)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    loss, _, _ = model(to_model_input({"image": torch.zeros(2, 8, 8, 3, dtype=torch.uint8)},
+                                      input_spec(MANIFEST)))
+    loss.backward()
+    opt.step()
+    sched.step()
+    state = make_state(model, opt, sched, step=7, config=cfg.model_dump(mode="json"),
+                       manifest_hash="abc")
+    path = save_state(state, tmp_path)
+    back = load_state(path)  # weights_only=True inside
+    assert back["step"] == 7 and back["manifest_hash"] == "abc"
+    assert back["config"]["model"]["preset"] == "hip_tiny"
+    fresh = build_model(cfg, MANIFEST)
+    fresh.load_state_dict(back["model"])
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    opt2 = make_optimizer(fresh, cfg)
+    opt2.load_state_dict(back["optimizer"])
+    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+
+
+def _hip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_train_configs_fail_fast_with_one_line_and_no_ray(tmp_path):
+    r = _hip("pretrain", "--config", str(ROOT / "configs/tiny.yaml"), "optim.lr=-1",
+             cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"hip: error: invalid config ({ROOT / 'configs/tiny.yaml'}): optim.lr: Input should "
+        "be greater than 0, got -1"]
+    r = _hip("pretrain", "data.path=nowhere", cwd=tmp_path)
+    assert r.returncode == 2 and "no manifest.json in" in r.stderr
+    assert "Ray" not in r.stderr + r.stdout  # failed before any Ray start
+    assert not (tmp_path / "runs").exists()
