@@ -24,6 +24,10 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The whole product on the embedded default: local Ray, MLflow in runs/mlflow.db, data/.
+quickstart: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/hip quickstart
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest

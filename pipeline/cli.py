@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.set_defaults(func=cmd_sample_data)
 
-    from pipeline import cli_train
+    from pipeline import cli_quickstart, cli_sweep, cli_train
 
     cli_train.add_parsers(sub, UsageError)
+    cli_sweep.add_parsers(sub, UsageError)
+    cli_quickstart.add_parser(sub, UsageError)
     return parser
 
 

@@ -57,6 +57,9 @@ def init_ray(
         object_store_memory=store,
         include_dashboard=False,
     )
+    # Helper processes Ray Train spawns (e.g. its placement-group cleaner) look the cluster
+    # up again; with several local clusters on a machine they must be told which one.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     return _info(started_here=True)
 
 

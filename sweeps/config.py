@@ -1,0 +1,276 @@
+"""Sweep definitions (`sweeps/*.yaml`): a strict pydantic model, loading, per-trial job configs.
+
+A sweep names a base job config (a configs/ YAML, path relative to the sweep file), fixed
+dotted overrides on it, the kind of trial (pretrain, finetune, pretrain-then-finetune), and
+a search space over any job-config field by dotted path:
+
+    space:
+      mae.mask_ratio: {uniform: [0.5, 0.95]}
+      model.overrides.groups: {grid: [[4, 1, 4], [8, 1, 8]]}
+
+Command-line `key=value` pairs go to the job config when the first segment is a job-config
+section (data.path=..., trainer.steps=...), else to the sweep (num_samples=8,
+scheduler.grace_period=4). A trial's config = base YAML <- sweep `overrides` <- command line
+<- the trial's sampled values (<- `finetune_overrides` for the finetune stage).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipeline.config import (
+    ConfigError,
+    StrictModel,
+    format_errors,
+    parse_override,
+    read_yaml,
+    set_dotted,
+)
+from pipeline.train_config import TrainConfig
+
+KINDS = ("pretrain", "finetune", "pretrain-then-finetune")
+DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+# Infrastructure, not hyperparameters: a trial's task, tracking and storage are the sweep's.
+UNSWEEPABLE = ("task", "tracking", "storage", "finetune")
+_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Dim(StrictModel):
+    """One searched dimension: exactly one of the fields. Bounds are [low, high]; randint's
+    high is exclusive (as tune.randint). `q` rounds uniform/loguniform samples to a multiple."""
+
+    grid: list[Any] | None = Field(None, min_length=1, description="every value, crossed "
+                                   "with the other grid dimensions (tune.grid_search)")
+    choice: list[Any] | None = Field(None, min_length=1, description="one value at random")
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    q: float | None = Field(None, gt=0, description="quantisation for uniform/loguniform")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Dim:
+        set_kinds = [k for k in DIM_KINDS if getattr(self, k) is not None]
+        if len(set_kinds) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DIM_KINDS)}, got "
+                             f"{set_kinds or 'none'}")
+        kind = set_kinds[0]
+        if kind in ("uniform", "loguniform", "randint"):
+            low, high = getattr(self, kind)
+            if not low < high:
+                raise ValueError(f"{kind} needs low < high, got [{low}, {high}]")
+            if kind == "loguniform" and low <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {low}")
+        if self.q is not None and kind not in ("uniform", "loguniform"):
+            raise ValueError("q only applies to uniform and loguniform")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DIM_KINDS if getattr(self, k) is not None)
+
+    @property
+    def values(self) -> Any:
+        return getattr(self, self.kind)
+
+    def describe(self) -> str:
+        """One line for MLflow params and the terminal: `uniform [0.5, 0.95]`."""
+        vals = list(self.values)
+        q = f" q={self.q}" if self.q is not None else ""
+        return f"{self.kind} {vals}{q}"
+
+
+class SchedulerSection(StrictModel):
+    type: Literal["asha", "none"] = Field("asha", description="none = every trial runs to "
+                                          "trainer.steps")
+    grace_period: int = Field(1, ge=1, description="steps before ASHA may stop a trial "
+                              "(its first rung)")
+    reduction_factor: float = Field(3.0, ge=2.0, description="1/reduction_factor of the "
+                                    "trials at a rung go on to the next")
+
+
+class SearcherSection(StrictModel):
+    type: Literal["random", "optuna"] = Field("random", description="random = Tune's "
+                                              "basic variant generator (grid + sampling)")
+    seed: int | None = Field(0, description="sampling seed (None = fresh each run)")
+
+
+class ResourcesSection(StrictModel):
+    driver_cpu: float = Field(0.25, gt=0.0, le=1.0, description="CPU of the trial's driver "
+                              "(it only builds and fits the TorchTrainer; 0 is refused by Tune)")
+    reserve_cpu: float = Field(1.0, ge=0.0, description="CPUs left free for Ray Data ingest "
+                               "when deriving max_concurrent_trials")
+    max_concurrent: int | None = Field(None, ge=1, description="None = (cluster CPUs - "
+                                       "reserve_cpu) // per-trial need (and GPUs likewise)")
+
+
+class SweepConfig(StrictModel):
+    name: str = Field(description="sweep name: the Tune experiment folder under "
+                      "storage.path and the MLflow parent run's name")
+    description: str = ""
+    base: str = Field(description="job config YAML, relative to this sweep file")
+    kind: Literal["pretrain", "finetune", "pretrain-then-finetune"] = "pretrain"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="fixed dotted "
+                                      "overrides on the base config, e.g. trainer.steps: 60")
+    finetune_overrides: dict[str, Any] = Field(default_factory=dict, description=(
+        "pretrain-then-finetune only: dotted overrides of the finetune stage"))
+    space: dict[str, Dim] = Field(min_length=1, description="dotted job-config key -> Dim")
+    metric: str = Field("val_loss", description="reported by every eval: loss, val_loss, "
+                        "val_accuracy (classify)")
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(1, ge=1, description="samples of the space (x every grid point)")
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    searcher: SearcherSection = Field(default_factory=SearcherSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    max_failures: int = Field(1, ge=-1, description="Tune-level retries of a failed trial "
+                              "(trainer.max_failures covers worker restarts inside a trial)")
+    invalid: Literal["reject", "prune"] = Field("reject", description=(
+        "a point of the space the model cannot be built for: reject = the sweep does not "
+        "start; prune = the trial is skipped and its reason recorded in its MLflow run"))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("use letters, digits, '_', '-', '.' (at most 64), e.g. width-study")
+        return v
+
+    @field_validator("overrides", "finetune_overrides")
+    @classmethod
+    def _dotted_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if not _KEY.match(key):
+                raise ValueError(f"key {key!r} must be a dotted job-config path")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space_keys(cls, v: dict[str, Dim]) -> dict[str, Dim]:
+        for key in v:
+            if not _KEY.match(key):
+                raise ValueError(f"key {key!r} must be a dotted job-config path")
+            if key.split(".")[0] in UNSWEEPABLE:
+                raise ValueError(f"{key} cannot be swept: {', '.join(UNSWEEPABLE)} belong to "
+                                 "the sweep, not to a trial")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SweepConfig:
+        if self.finetune_overrides and self.kind != "pretrain-then-finetune":
+            raise ValueError("finetune_overrides is only used by kind pretrain-then-finetune")
+        if self.metric == "val_accuracy" and self.kind == "pretrain":
+            raise ValueError("metric val_accuracy needs a classification stage (kind "
+                             "finetune or pretrain-then-finetune); MAE reports val_loss")
+        if self.metric not in ("loss", "val_loss", "val_accuracy"):
+            raise ValueError(f"metric {self.metric!r} is not reported at every eval; use "
+                             "loss, val_loss or val_accuracy")
+        grid = [k for k, d in self.space.items() if d.kind == "grid"]
+        if grid and self.searcher.type == "optuna":
+            raise ValueError(f"the optuna searcher samples; {grid} use grid (use choice, or "
+                             "searcher.type: random)")
+        if self.scheduler.type == "asha" and "trainer.steps" in self.space:
+            raise ValueError("ASHA's max_t is trainer.steps; do not sweep trainer.steps with "
+                             "scheduler.type asha")
+        return self
+
+    @property
+    def task(self) -> str:
+        """Task of the stage whose metric Tune sees."""
+        return "mae" if self.kind == "pretrain" else "classify"
+
+
+def is_job_key(key: str) -> bool:
+    """Does a command-line override address the job config (vs the sweep)?"""
+    return key.split(".")[0] in TrainConfig.model_fields
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig, list[str]]:
+    """Read and validate a sweep YAML. Returns it and the job-config overrides of `overrides`
+    (`key=value` strings whose first segment is a job-config section)."""
+    data = read_yaml(path)
+    job: list[str] = []
+    for text in overrides:
+        key, value = parse_override(text)
+        if is_job_key(key):
+            job.append(text)
+        else:
+            set_dotted(data, key, value)
+    try:
+        sweep = SweepConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid sweep {path}: {format_errors(e, SweepConfig)}") from None
+    return sweep, job
+
+
+def base_path(sweep_file: str | Path, sweep: SweepConfig) -> Path:
+    p = Path(sweep.base)
+    return p if p.is_absolute() else (Path(sweep_file).resolve().parent / p).resolve()
+
+
+def base_dict(sweep_file: str | Path, sweep: SweepConfig, job_overrides: list[str] = ()
+              ) -> dict[str, Any]:
+    """The base job config as a plain dict: base YAML <- sweep.overrides <- command line,
+    with the task of the first stage. Validated (ConfigError names the key and the file)."""
+    path = base_path(sweep_file, sweep)
+    if not path.is_file():
+        raise ConfigError(f"sweep {sweep.name}: base config {path} does not exist "
+                          f"(base: {sweep.base} is relative to {Path(sweep_file).parent})")
+    data = read_yaml(path)
+    for key, value in sweep.overrides.items():
+        set_dotted(data, key, copy.deepcopy(value))
+    for text in job_overrides:
+        set_dotted(data, *parse_override(text))
+    data["task"] = "classify" if sweep.kind == "finetune" else "mae"
+    _validate(data, f"base config {path} with the sweep's overrides")
+    return data
+
+
+def trial_config(base: dict[str, Any], values: dict[str, Any], *, sweep: SweepConfig,
+                 stage: str = "first", init_from: str | None = None) -> TrainConfig:
+    """The job config of one trial (stage "first", or "finetune" of pretrain-then-finetune).
+    Raises ConfigError naming the swept key when a sampled value is not valid for it."""
+    data = copy.deepcopy(base)
+    for key, value in values.items():
+        set_dotted(data, key, copy.deepcopy(value))
+    if stage == "finetune":
+        data["task"] = "classify"
+        for key, value in sweep.finetune_overrides.items():
+            set_dotted(data, key, copy.deepcopy(value))
+        if init_from:
+            set_dotted(data, "finetune.init_from", init_from)
+    return _validate(data, f"point {values}")
+
+
+def _validate(data: dict[str, Any], where: str) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {format_errors(e, TrainConfig)}") from None
+
+
+def check_against_base(sweep: SweepConfig, base: dict[str, Any]) -> None:
+    """Checks that need the job config: every Tune report must carry the metric, and ASHA's
+    rungs must fit in the run. Raises ConfigError."""
+    stage_cfg = trial_config(base, {}, sweep=sweep,
+                             stage="finetune" if sweep.kind == "pretrain-then-finetune"
+                             else "first")
+    t = stage_cfg.trainer
+    if sweep.metric != "loss" and t.checkpoint_every % t.eval_every:
+        # Reports happen at eval and checkpoint steps; a checkpoint-only report has no
+        # val_* metric, and Tune fails a trial whose report lacks the sweep's metric.
+        raise ConfigError(f"sweep {sweep.name}: trainer.checkpoint_every ({t.checkpoint_every})"
+                          f" must be a multiple of trainer.eval_every ({t.eval_every}) so "
+                          f"every report to Tune carries {sweep.metric}")
+    if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period >= t.steps:
+        raise ConfigError(f"sweep {sweep.name}: scheduler.grace_period "
+                          f"({sweep.scheduler.grace_period}) must be below trainer.steps "
+                          f"({t.steps}), or ASHA can never stop a trial")
+
+
+__all__ = ["Dim", "SweepConfig", "KINDS", "load_sweep", "base_dict", "base_path",
+           "trial_config", "check_against_base", "is_job_key"]

@@ -1,0 +1,291 @@
+"""`hip sweep`: plan (no Ray), then a Ray Tune Tuner over sweeps.trial.train_trial.
+
+plan_sweep   loads the sweep YAML and its base job config, checks every enumerable point
+             of the space (pipeline.launch.preflight on the meta device) and refuses an
+             invalid space with one line before Ray starts.
+run_sweep    opens (or, with resume, reopens) the MLflow parent run, runs the Tuner with ASHA
+             (or no scheduler), max_concurrent_trials from the cluster's resources and
+             FailureConfig at both levels, then closes every trial's child run with its
+             outcome (ASHA stops a trial by killing its actor, so nobody else would) and
+             records the best trial and its config on the parent run.
+
+Storage: <storage.path>/<sweep name>/ holds sweep.json (the parent run id), tune/ (Tune's
+experiment: restored by --resume) and train/<run name>/ (one Ray Train run per trial stage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import shards, tracking
+from pipeline.config import ConfigError, config_to_dict
+from pipeline.train_config import TrainConfig, resolve_paths
+from sweeps.config import SweepConfig, base_dict, check_against_base, load_sweep, trial_config
+from sweeps.outcomes import TrialOutcome, close_trials, pick_best, record_summary
+from sweeps.space import Invalid, check_space, format_point, grid_size, points
+from sweeps.trial import ROLE_TAG, stages, train_trial
+
+STATE_FILE = "sweep.json"
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start or resume: one line, exit code 2."""
+
+
+@dataclass
+class SweepPlan:
+    sweep: SweepConfig
+    sweep_file: str
+    base: dict[str, Any]  # resolved base job config (absolute paths)
+    sweep_dir: str
+    invalid: list[Invalid] = field(default_factory=list)
+
+    @property
+    def uri(self) -> str:
+        return self.base["tracking"]["uri"]
+
+    @property
+    def experiment(self) -> str:
+        return self.base["tracking"]["experiment"]
+
+    @property
+    def tune_dir(self) -> str:
+        return shards.join(self.sweep_dir, "tune")
+
+    def scored_config(self) -> TrainConfig:
+        return trial_config(self.base, {}, sweep=self.sweep,
+                            stage="finetune" if len(stages(self.sweep)) == 2 else "first")
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    experiment_dir: str
+    trials: list[TrialOutcome]
+    best: TrialOutcome | None
+    interrupted: bool
+    elapsed_s: float
+
+    def count(self, status: str) -> int:
+        return sum(t.status == status for t in self.trials)
+
+
+def plan_sweep(sweep_file: str | Path, overrides: list[str] = ()) -> SweepPlan:
+    """Everything checkable without Ray: the sweep, its base config, the space's points."""
+    sweep, job_overrides = load_sweep(sweep_file, list(overrides))
+    raw = base_dict(sweep_file, sweep, job_overrides)
+    cfg = resolve_paths(TrainConfig.model_validate(raw))
+    sweep_dir = shards.join(cfg.storage.path, sweep.name)
+    cfg.storage.path = shards.join(sweep_dir, "train")
+    base = config_to_dict(cfg)
+    check_against_base(sweep, base)
+    invalid = check_space(sweep, base)
+    checked = len(points(sweep.space))
+    if invalid and len(invalid) == checked and len({i.reason for i in invalid}) == 1:
+        # Not the space's fault (a missing data path, a bad base config): say so plainly.
+        raise ConfigError(f"sweep {sweep.name}: no point of the space can run: "
+                          f"{invalid[0].reason}")
+    if invalid and (sweep.invalid == "reject" or len(invalid) == checked):
+        first = invalid[0]
+        hint = ("; set invalid: prune to skip such points" if sweep.invalid == "reject"
+                else "")
+        raise ConfigError(f"sweep {sweep.name}: {len(invalid)} of {checked} checked points "
+                          f"cannot run; {format_point(first.point)}: {first.reason}{hint}")
+    return SweepPlan(sweep, str(Path(sweep_file).resolve()), base, sweep_dir, invalid)
+
+
+def max_concurrent_trials(plan: SweepPlan, cluster: dict[str, float]) -> int:
+    """Trials that fit at once: (CPUs - reserve) // per-trial CPUs, and GPUs // per-trial GPUs.
+    A trial needs its driver's CPU fraction plus its Train workers' resources."""
+    r = plan.sweep.resources
+    if r.max_concurrent:
+        return r.max_concurrent
+    stage_cfgs = [trial_config(plan.base, {}, sweep=plan.sweep)]
+    if len(stages(plan.sweep)) == 2:
+        stage_cfgs.append(plan.scored_config())
+    need_cpu = need_gpu = 0.0
+    for cfg in stage_cfgs:  # stages run one after the other: the larger one counts
+        t = cfg.trainer
+        workers = max(1, t.num_workers)  # 0 workers: the loop runs in the trial, one CPU
+        cpu = t.resources_per_worker.get("CPU", 1.0)
+        gpu = t.resources_per_worker.get("GPU", 1.0 if t.use_gpu else 0.0)
+        need_cpu = max(need_cpu, r.driver_cpu + workers * cpu)
+        need_gpu = max(need_gpu, workers * gpu)
+    n = math.floor((cluster.get("CPU", 0.0) - r.reserve_cpu) / need_cpu + 1e-9)
+    if need_gpu:
+        n = min(n, math.floor(cluster.get("GPU", 0.0) / need_gpu + 1e-9))
+    return max(1, n)
+
+
+def _read_state(plan: SweepPlan) -> dict[str, Any] | None:
+    uri = shards.join(plan.sweep_dir, STATE_FILE)
+    return shards.read_json(uri) if shards.exists(uri) else None
+
+
+def _space_json(sweep: SweepConfig) -> dict[str, Any]:
+    return {k: d.model_dump(mode="json", exclude_none=True) for k, d in sweep.space.items()}
+
+
+def _open_parent(plan: SweepPlan, max_concurrent: int) -> str:
+    s = plan.sweep
+    params = {"sweep.name": s.name, "sweep.kind": s.kind, "sweep.base": s.base,
+              "sweep.metric": s.metric, "sweep.mode": s.mode, "sweep.num_samples": s.num_samples,
+              "sweep.grid_points": grid_size(s.space), "sweep.invalid": s.invalid,
+              "sweep.max_failures": s.max_failures, "scheduler.type": s.scheduler.type,
+              "searcher.type": s.searcher.type, "searcher.seed": s.searcher.seed,
+              "resources.driver_cpu": s.resources.driver_cpu,
+              "resources.max_concurrent_trials": max_concurrent,
+              **{f"space.{k}": d.describe() for k, d in s.space.items()}}
+    if s.scheduler.type == "asha":
+        params.update({"scheduler.grace_period": s.scheduler.grace_period,
+                       "scheduler.reduction_factor": s.scheduler.reduction_factor,
+                       "scheduler.max_t": plan.scored_config().trainer.steps,
+                       "scheduler.time_attr": "step"})
+    tags = {ROLE_TAG: "sweep", "hip.sweep": s.name, "hip.kind": s.kind, "hip.metric": s.metric,
+            "hip.mode": s.mode, "hip.space_keys": json.dumps(list(s.space)),
+            "hip.sweep_dir": plan.sweep_dir, "mlflow.source.git.commit": tracking.git_commit()}
+    if plan.invalid:
+        tags["hip.invalid_points"] = "; ".join(
+            f"{format_point(i.point)}: {i.reason}" for i in plan.invalid)[:4000]
+    return tracking.start_run(
+        plan.uri, plan.experiment, run_name=f"sweep-{s.name}", params=params, tags=tags,
+        artifacts={"sweep/sweep.yaml": tracking.config_yaml(s.model_dump(mode="json")),
+                   "sweep/base.yaml": tracking.config_yaml(plan.base)})
+
+
+def _data_context() -> dict[str, Any]:
+    """Ray Data settings of this process that trials should share (a trial is a fresh actor
+    with a default DataContext). Progress bars of concurrent trials interleave: off."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    out: dict[str, Any] = {"enable_progress_bars": False}
+    if hasattr(ctx, "use_datasource_v2"):
+        out["use_datasource_v2"] = ctx.use_datasource_v2
+    return out
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id  # short and stable; Tune's default embeds every param
+
+
+def _storage_kwargs(uri: str) -> dict[str, Any]:
+    if shards.is_local(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        return {"storage_path": uri}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = shards.resolve(uri)
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
+
+
+def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from sweeps.space import to_tune
+
+    storage = _storage_kwargs(plan.sweep_dir)
+    tune_path = plan.tune_dir if shards.is_local(plan.tune_dir) else \
+        shards.join(storage["storage_path"], "tune")
+    fs = storage.get("storage_filesystem")
+    if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
+        log(f"[hip] resuming Tune experiment {plan.tune_dir}")
+        return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,
+                                  storage_filesystem=fs)
+    s = plan.sweep
+    if s.scheduler.type == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=plan.scored_config().trainer.steps,
+                                  grace_period=s.scheduler.grace_period,
+                                  reduction_factor=s.scheduler.reduction_factor, brackets=1)
+    else:
+        scheduler = FIFOScheduler()
+    if s.searcher.type == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = OptunaSearch(seed=s.searcher.seed)
+        limit = max_concurrent  # Tune wraps a Searcher in a ConcurrencyLimiter
+    else:
+        # Tune ignores max_concurrent_trials for a SearchAlgorithm such as this one (it
+        # warns and runs every trial at once): the generator limits concurrency itself.
+        search = BasicVariantGenerator(random_state=s.searcher.seed,
+                                       max_concurrent=max_concurrent)
+        limit = None
+    return tune.Tuner(
+        trainable, param_space=to_tune(s.space),
+        tune_config=tune.TuneConfig(
+            metric=s.metric, mode=s.mode, scheduler=scheduler, search_alg=search,
+            num_samples=s.num_samples, max_concurrent_trials=limit,
+            trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name="tune", **storage, verbose=1,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures)))
+
+
+def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResult:
+    """Run the sweep on the current or a new local Ray cluster. resume=True continues the
+    sweep of the same name under storage.path (or starts it if there is none); without it an
+    existing sweep of that name is an error (SweepError), never overwritten."""
+    state = _read_state(plan)
+    s = plan.sweep
+    if state and not resume:
+        raise SweepError(f"sweep {s.name} already exists at {plan.sweep_dir} (MLflow run "
+                         f"{state['parent_run_id']}); pass --resume to continue it, or "
+                         f"name=OTHER to start another")
+    if resume and state is None:  # as Tuner.can_restore: resume when there is something
+        log(f"[hip] nothing to resume at {plan.sweep_dir}: starting sweep {s.name}")
+    if state and state["space"] != _space_json(s):
+        raise SweepError(f"sweep {s.name} at {plan.sweep_dir} was started with another space "
+                         f"({state['space']}); resume needs the same space")
+
+    import ray
+    from ray import tune
+
+    from pipeline.runtime import init_ray
+
+    init_ray()
+    max_concurrent = max_concurrent_trials(plan, ray.cluster_resources())
+    if state:
+        parent = state["parent_run_id"]
+        tracking.client(plan.uri).update_run(parent, status="RUNNING")
+        tracking.set_tags(plan.uri, parent, {"hip.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    else:
+        parent = _open_parent(plan, max_concurrent)
+        if shards.is_local(plan.sweep_dir):
+            Path(plan.sweep_dir).mkdir(parents=True, exist_ok=True)
+        shards.write_json(shards.join(plan.sweep_dir, STATE_FILE), {
+            "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
+            "sweep_file": plan.sweep_file, "space": _space_json(s),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    log(f"[hip] sweep {s.name}: MLflow parent run {parent} in experiment {plan.experiment!r} "
+        f"at {plan.uri}; up to {max_concurrent} trials at once; Tune experiment "
+        f"{plan.tune_dir}")
+    setup = {"sweep": s.model_dump(mode="json"), "base": plan.base, "parent_run_id": parent,
+             "tracking_uri": plan.uri, "experiment": plan.experiment,
+             "data_context": _data_context()}
+    trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
+                                    {"CPU": s.resources.driver_cpu})
+    start = time.time()
+    tuner = _tuner(plan, trainable, max_concurrent, resume, log)
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        tracking.set_tags(plan.uri, parent, {"hip.interrupted": "true"})
+        tracking.end_run(plan.uri, parent, "KILLED")
+        raise
+    elapsed = time.time() - start
+    trials = close_trials(plan, parent, grid)
+    interrupted = any(t.status == "INTERRUPTED" for t in trials)
+    best = pick_best(trials, s.mode)
+    record_summary(plan, parent, trials, best, interrupted, elapsed)
+    return SweepResult(parent, plan.tune_dir, trials, best, interrupted, elapsed)
+
+
+__all__ = ["plan_sweep", "run_sweep", "SweepPlan", "SweepResult", "SweepError",
+           "max_concurrent_trials", "STATE_FILE", "TrialOutcome", "pick_best"]

@@ -1,0 +1,157 @@
+"""Sweep definitions without Ray: every shipped YAML validates, overrides route to the sweep
+or the job, invalid spaces are refused with one line, concurrency and the best trial."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError
+from sweeps.config import Dim, load_sweep
+from sweeps.driver import SweepPlan, max_concurrent_trials, plan_sweep
+from sweeps.outcomes import TrialOutcome, pick_best
+from sweeps.space import grid_size, points
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+
+
+def fake_shards(root: Path, side: int, rows: int = 1000) -> Path:
+    """A manifest with the shapes a sweep is meant for: preflight reads only the manifest."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({
+        "modality": "image", "columns": {"image": {"dtype": "uint8", "shape": [side, side, 3]}},
+        "splits": {"train": rows, "val": rows // 10},
+        "classes": [f"c{i}" for i in range(10)]}))
+    return root
+
+
+def test_the_shipped_sweeps_are_the_studies_of_the_issue():
+    names = {p.stem for p in SWEEPS}
+    assert {"tiny", "group-counts", "width", "mask-ratio"} <= names
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_every_shipped_sweep_validates(path, tmp_path):
+    """Parse, load the base config with the sweep's overrides, and build the model of every
+    enumerable point (grid/choice values, bounds of sampled ranges) for 64x64 images."""
+    data = fake_shards(tmp_path / "shards", side=64)
+    plan = plan_sweep(path, [f"data.path={data}", f"storage.path={tmp_path / 'ck'}",
+                             f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    assert plan.invalid == [], plan.invalid
+    assert plan.sweep.name == path.stem
+    assert points(plan.sweep.space)
+    scored = plan.scored_config()
+    assert scored.task == ("mae" if plan.sweep.kind == "pretrain" else "classify")
+    if plan.sweep.scheduler.type == "asha":
+        assert plan.sweep.scheduler.grace_period < scored.trainer.steps
+
+
+def test_overrides_go_to_the_job_or_to_the_sweep():
+    sweep, job = load_sweep(ROOT / "sweeps" / "tiny.yaml",
+                            ["num_samples=3", "scheduler.type=none", "trainer.steps=4",
+                             "data.path=/x"])
+    assert sweep.num_samples == 3 and sweep.scheduler.type == "none"
+    assert job == ["trainer.steps=4", "data.path=/x"]
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"optim.lr": {"uniform": [1.0, 0.1]}}, "low < high"),
+    ({"optim.lr": {"grid": [0.1], "choice": [0.2]}}, "exactly one"),
+    ({"tracking.uri": {"choice": ["a", "b"]}}, "cannot be swept"),
+    ({"optim.lr": {"loguniform": [0.0, 1.0]}}, "low > 0"),
+])
+def test_a_malformed_space_names_the_key(tmp_path, space, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "base": str(ROOT / "configs/tiny.yaml"),
+                                    "space": space}))
+    with pytest.raises(ConfigError, match=message) as e:
+        load_sweep(path)
+    assert "\n" not in str(e.value)
+
+
+def test_points_cross_grids_and_check_the_bounds_of_ranges():
+    sweep, _ = load_sweep(ROOT / "sweeps" / "tiny.yaml")
+    sweep.space["mae.mask_ratio"] = Dim(uniform=(0.5, 0.9))
+    pts = points(sweep.space)
+    assert len(pts) == 4 * 2 and grid_size(sweep.space) == 4
+    assert {p["mae.mask_ratio"] for p in pts} == {0.5, 0.9}
+
+
+@pytest.mark.parametrize("key, values, reason", [
+    ("model.overrides.width_mult", [1.0, 0.3], "heads do not divide"),
+    ("model.overrides.groups", [[4, 1, 4], [512, 1, 512]], "shorter than its group count 512"),
+    ("mae.mask_ratio", [0.5, 1.5], "mae.mask_ratio"),
+])
+def test_an_invalid_space_is_refused_before_the_sweep_starts(tmp_path, key, values, reason):
+    data = fake_shards(tmp_path / "shards", side=16)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "bad", "base": str(ROOT / "configs/tiny.yaml"),
+        "overrides": {"trainer.num_workers": 1, "model.overrides.latents": [8, 512, 8]},
+        "space": {key: {"grid": values}}}))
+    with pytest.raises(ConfigError, match=reason) as e:
+        plan_sweep(path, [f"data.path={data}"])
+    assert "1 of 2 checked points cannot run" in str(e.value)
+    assert "invalid: prune" in str(e.value)  # the way out is named
+    # invalid: prune keeps the sweep and records the point for pruning at trial time
+    plan = plan_sweep(path, [f"data.path={data}", "invalid=prune"])
+    assert [i.point[key] for i in plan.invalid] == [values[1]]
+
+
+def test_the_cli_rejects_an_invalid_space_in_one_line_without_starting_ray(tmp_path):
+    data = fake_shards(tmp_path / "shards", side=16)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "bad", "base": str(ROOT / "configs/tiny.yaml"),
+        "space": {"model.overrides.width_mult": {"grid": [1.0, 0.3]}}}))
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "sweep", "--config", str(path),
+         f"data.path={data}", f"storage.path={tmp_path / 'ck'}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hip: error: sweep bad: 1 of 2 checked"), lines
+    assert "width_mult=0.3" in lines[0] and "heads do not divide" in lines[0]
+    assert "Ray" not in proc.stdout + proc.stderr  # no cluster was started
+    assert not (tmp_path / "ck").exists()
+    assert time.monotonic() - start < 60
+
+
+def test_a_missing_data_path_is_named_once_not_per_point(tmp_path):
+    with pytest.raises(ConfigError, match=r"no point of the space can run: data.path: ") as e:
+        plan_sweep(ROOT / "sweeps" / "tiny.yaml", [f"data.path={tmp_path / 'nothing'}"])
+    assert str(e.value).count("data.path") == 1
+
+
+def _plan(tmp_path, *overrides: str) -> SweepPlan:
+    data = fake_shards(tmp_path / "shards", side=16)
+    return plan_sweep(ROOT / "sweeps" / "tiny.yaml", [f"data.path={data}", *overrides])
+
+
+@pytest.mark.parametrize("cluster, overrides, expected", [
+    ({"CPU": 4.0}, [], 2),  # (4 - 1 reserved for ingest) // (0.25 driver + 1 worker)
+    ({"CPU": 2.0}, [], 1),  # never 0
+    ({"CPU": 64.0}, ["trainer.num_workers=2"], 28),  # 63 // 2.25
+    ({"CPU": 64.0, "GPU": 4.0}, ["trainer.num_workers=2", "trainer.use_gpu=true"], 2),
+    ({"CPU": 4.0}, ["resources.max_concurrent=3"], 3),
+])
+def test_max_concurrent_trials_follows_the_cluster(tmp_path, cluster, overrides, expected):
+    assert max_concurrent_trials(_plan(tmp_path, *overrides), cluster) == expected
+
+
+def test_the_best_trial_ignores_trials_without_a_metric():
+    t = [TrialOutcome("a", "FINISHED", {}, 0.5, 6, "r1"),
+         TrialOutcome("b", "EARLY_STOPPED", {}, 0.9, 2, "r2"),
+         TrialOutcome("c", "PRUNED", {}, None, None, "r3"),
+         TrialOutcome("d", "FINISHED", {}, float("nan"), 6, "r4")]
+    assert pick_best(t, "min").trial_id == "a"
+    assert pick_best(t, "max").trial_id == "b"
+    assert pick_best(t[2:], "min") is None

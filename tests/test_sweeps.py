@@ -1,0 +1,239 @@
+"""`hip sweep` / `hip compare` end to end: real local Ray (the session's), real MLflow (a SQLite
+file per test), the tiny model on the sample images. No mocks.
+
+The tiny sweep (sweeps/tiny.yaml) runs 4 learning rates, 2 at a time, with ASHA (rungs at
+steps 2 and 4 of 6, halving). The two near-zero learning rates start only after a slot
+frees, i.e. after both good trials have recorded their step-2 val_loss: theirs is the
+untrained model's, worse than both, so ASHA stops them at step 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import cli, tracking
+from pipeline.config import load_config
+from pipeline.train_config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SWEEP = str(ROOT / "sweeps" / "tiny.yaml")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def children(uri: str, parent_id: str) -> list:
+    c = tracking.client(uri)
+    parent = c.get_run(parent_id)
+    return list(c.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_id}'"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(image_shards, ray_session, tmp_path_factory):
+    """Run sweeps/tiny.yaml once through the CLI; yields (uri, parent run id, stdout)."""
+    root = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{root}/mlflow.db"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["sweep", "--config", TINY_SWEEP, f"data.path={image_shards}",
+                       f"tracking.uri={uri}", f"storage.path={root}/ck",
+                       "tracking.experiment=sweep-test"])
+    text = out.getvalue()
+    assert rc == 0, text[-3000:]
+    state = json.loads((root / "ck" / "tiny" / "sweep.json").read_text())
+    yield uri, state["parent_run_id"], text, root
+
+
+def test_the_sweep_has_a_parent_run_and_one_child_run_per_trial(tiny_sweep):
+    uri, parent_id, text, _ = tiny_sweep
+    c = tracking.client(uri)
+    parent = c.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep-tiny"
+    p = parent.data.params
+    assert p["space.optim.lr"] == "grid [0.003, 0.001, 1e-05, 1e-06]"
+    assert (p["scheduler.type"], p["scheduler.grace_period"], p["scheduler.max_t"]) == \
+        ("asha", "2", "6")
+    assert p["sweep.metric"] == "val_loss" and p["sweep.mode"] == "min"
+    assert p["resources.max_concurrent_trials"] == "2"  # (4 CPUs - 1) // (0.25 + 1)
+    assert parent.data.metrics["trials_total"] == 4
+    runs = children(uri, parent_id)
+    assert len(runs) == 4
+    lrs = set()
+    for run in runs:
+        trial = run.data.tags["hip.trial_id"]
+        assert run.info.run_name == f"tiny-{trial}"  # Train run name from the trial id
+        assert run.data.tags["hip.stage"] == "pretrain"
+        assert run.data.params["trainer.num_workers"] == "1"
+        assert run.data.params["trainer.steps"] == "6"
+        # The sampled value reached the job config the child run logs.
+        assert float(run.data.params["optim.lr"]) == \
+            json.loads(run.data.tags["hip.sweep_params"])["optim.lr"]
+        lrs.add(float(run.data.params["optim.lr"]))
+        arts = {a.path for a in c.list_artifacts(run.info.run_id, "config")}
+        assert "config/resolved.yaml" in arts  # the same content as a `hip pretrain` run
+    assert lrs == {3e-3, 1e-3, 1e-5, 1e-6}
+    assert "[hip] best: trial" in text
+
+
+def test_asha_stops_trials_and_they_are_marked_not_lost(tiny_sweep):
+    uri, parent_id, _, root = tiny_sweep
+    c = tracking.client(uri)
+    runs = {float(r.data.params["optim.lr"]): r for r in children(uri, parent_id)}
+    stopped = [r for r in runs.values() if r.data.tags.get("hip.early_stopped") == "true"]
+    assert stopped, {lr: r.data.tags.get("hip.sweep_status") for lr, r in runs.items()}
+    assert {1e-5, 1e-6} <= {float(r.data.params["optim.lr"]) for r in stopped}
+    for r in stopped:
+        assert r.info.status == "KILLED" and r.data.tags["hip.sweep_status"] == "EARLY_STOPPED"
+        assert int(r.data.tags["hip.stopped_at_step"]) < 6
+        assert r.info.end_time is not None
+    finished = [r for r in runs.values() if r.data.tags["hip.sweep_status"] == "FINISHED"]
+    assert finished and all(r.info.status == "FINISHED" for r in finished)
+    for r in finished:
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "val_loss")]
+        assert steps == [2, 4, 6]
+        assert r.data.tags[tracking.CHECKPOINT_TAG]  # closed by run_training, not killed
+    parent = c.get_run(parent_id)
+    assert parent.data.metrics["trials_early_stopped"] == len(stopped)
+    assert parent.data.metrics["trials_finished"] == len(finished)
+    assert len(stopped) + len(finished) == 4
+    best = min(finished, key=lambda r: r.data.metrics["val_loss"])
+    assert parent.data.tags["hip.best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(best.data.metrics["val_loss"])
+    # The best config is a job config `hip pretrain --config` accepts, with the best lr.
+    path = tracking.download_artifact(uri, parent_id, "best/config.yaml", root / "best")
+    cfg = load_config(TrainConfig, path)
+    assert cfg.optim.lr == float(best.data.params["optim.lr"]) and cfg.trainer.steps == 6
+    assert cfg.tracking.run_name is None
+
+
+def test_stopped_trials_give_their_workers_cpus_back(tiny_sweep, ray_session):
+    """ASHA kills a trial's actor; its Train placement group must not outlive it."""
+    from ray.util.placement_group import placement_group_table
+
+    deadline = time.monotonic() + 30
+    while True:
+        live = [v for v in placement_group_table().values() if v["state"] != "REMOVED"]
+        if not live or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert live == []
+
+
+def test_compare_prints_the_table_and_writes_the_plots(tiny_sweep, tmp_path, capsys):
+    uri, parent_id, _, _ = tiny_sweep
+    out = tmp_path / "plots"
+    assert cli.main(["compare", "--experiment", "sweep-test", "--tracking-uri", uri,
+                     "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("#  trial"))
+    for col in ("status", "val_loss", "optim.lr", "steps", "wall s"):
+        assert col in lines[header]
+    rows = [ln.split() for ln in lines[header + 2:header + 6]]
+    assert [r[0] for r in rows] == ["1", "2", "3", "4"]
+    values = [float(r[3]) for r in rows]
+    assert values == sorted(values)  # sorted by the metric (min)
+    assert {r[2] for r in rows} <= {"FINISHED", "EARLY_STOPPED"}
+    assert "EARLY_STOPPED" in {r[2] for r in rows}
+    pngs = {p.name for p in out.glob("*.png")}
+    assert pngs == {"val_loss_vs_optim_lr.png", "curves.png"}
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    logged = {a.path for a in tracking.client(uri).list_artifacts(parent_id, "compare")}
+    assert {"compare/curves.png", "compare/val_loss_vs_optim_lr.png"} <= logged
+    # An explicit sweep id and another metric work too; an unknown experiment is one line.
+    assert cli.main(["compare", "--experiment", "sweep-test", "--sweep", parent_id,
+                     "--metric", "loss", "--tracking-uri", uri, "--out", str(out),
+                     "--no-log"]) == 0
+    assert "by loss (min)" in capsys.readouterr().out
+    assert cli.main(["compare", "--experiment", "nope", "--tracking-uri", uri]) == 2
+    assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+def _terminated_trials(tune_dir: Path) -> list[str]:
+    done = []
+    for f in glob.glob(str(tune_dir / "experiment_state-*.json")):
+        try:
+            state = json.loads(Path(f).read_text())
+        except (OSError, ValueError):  # being rewritten
+            continue
+        for trial, _ in state["trial_data"]:
+            t = json.loads(trial)
+            if t["status"] == "TERMINATED":
+                done.append(t["trial_id"])
+    return done
+
+
+def _tree(path: Path) -> dict[str, float]:
+    return {str(p.relative_to(path)): p.stat().st_mtime for p in path.rglob("*")}
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
+        image_shards, ray_session, tmp_path):
+    sweep = tmp_path / "resume.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "resume", "base": str(ROOT / "configs" / "tiny.yaml"), "kind": "pretrain",
+        "overrides": {"trainer.num_workers": 1, "trainer.steps": 4, "trainer.eval_every": 2,
+                      "trainer.checkpoint_every": 2},
+        "space": {"optim.lr": {"grid": [2e-3, 1e-3]}},
+        "scheduler": {"type": "none"}, "resources": {"max_concurrent": 1}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, "-m", "pipeline.cli", "sweep", "--config", str(sweep),
+            f"data.path={image_shards}", f"tracking.uri={uri}", f"storage.path={tmp_path}/ck"]
+    # The driver joins the session's Ray, so killing it is what a crashed driver looks like
+    # to the cluster (its job's actors die), without starting a second Ray on 2 cores.
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "RAY_DATA_USE_DATASOURCE_V2": "0", "PYTHONUNBUFFERED": "1"}
+    tune_dir = tmp_path / "ck" / "resume" / "tune"
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _terminated_trials(tune_dir):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
+        proc.wait()
+        log.close()
+    (done,) = _terminated_trials(tune_dir)
+    state = json.loads((tmp_path / "ck" / "resume" / "sweep.json").read_text())
+    parent_id = state["parent_run_id"]
+    runs = [r for r in children(uri, parent_id) if r.data.tags["hip.trial_id"] == done]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    train_dir = tmp_path / "ck" / "resume" / "train" / f"resume-{done}"
+    before = _tree(train_dir)
+    assert before
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming Tune experiment" in resumed.stdout
+    c = tracking.client(uri)
+    all_runs = children(uri, parent_id)
+    again = [r for r in all_runs if r.data.tags["hip.trial_id"] == done]
+    assert [r.info.run_id for r in again] == [runs[0].info.run_id]  # not run again
+    assert _tree(train_dir) == before  # no new checkpoints either
+    others = [r for r in all_runs if r.data.tags["hip.trial_id"] != done]
+    live = [r for r in others if r.data.tags.get("hip.superseded") != "true"]
+    assert len(live) == 1 and live[0].info.status == "FINISHED"
+    for r in others:  # a run the killed driver left behind is closed, not left RUNNING
+        assert r.info.status in ("FINISHED", "KILLED")
+    parent = c.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and "hip.resumed_at" in parent.data.tags
+    assert parent.data.metrics["trials_finished"] == 2
+    assert sorted(_terminated_trials(tune_dir)) == sorted({done, live[0].data.tags[
+        "hip.trial_id"]})
