@@ -120,6 +120,10 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         tune.report({**{k: m[k] for k in REPORTED if k in m},
                      "step": int(done.data.params.get("trainer.steps", 0))})
         return
+    if any(r.data.tags.get("hip.pruned") == "true"
+           for r in trial_runs(uri, parent, trial_id)):
+        log("already pruned")  # a resumed sweep re-runs it: keep the one record
+        return
     reason = check_point(sweep, setup["base"], values)
     if reason is not None:
         log(f"pruned: {reason}")

@@ -10,12 +10,18 @@ untrained model's, worse than both, so ASHA stops them at step 2.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import cli, tracking
 from pipeline.config import load_config
@@ -153,3 +159,110 @@ def test_compare_prints_the_table_and_writes_the_plots(tiny_sweep, tmp_path, cap
     assert "by loss (min)" in capsys.readouterr().out
     assert cli.main(["compare", "--experiment", "nope", "--tracking-uri", uri]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_points_that_cannot_run_are_pruned_with_their_reason(image_shards, ray_session,
+                                                             tmp_path, capsys):
+    """Sampled widths between valid bounds: 0.8 and 0.6 (seed 0) give channels the heads do
+    not divide. The plan passes (bounds 0.5 and 1.0 fit), the trials prune themselves."""
+    sweep = tmp_path / "prune.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "prune", "base": str(ROOT / "configs" / "tiny.yaml"),
+        "overrides": {"trainer.num_workers": 1},
+        "space": {"model.overrides.width_mult": {"uniform": [0.5, 1.0], "q": 0.1}},
+        "num_samples": 2, "searcher": {"seed": 0}, "scheduler": {"type": "none"}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = cli.main(["sweep", "--config", str(sweep), f"data.path={image_shards}",
+                   f"tracking.uri={uri}", f"storage.path={tmp_path}/ck"])
+    out = capsys.readouterr().out
+    assert rc == 1, out[-2000:]  # the sweep ran to its end; no trial produced val_loss
+    assert "2 pruned" in out
+    parent_id = json.loads((tmp_path / "ck" / "prune" / "sweep.json").read_text())[
+        "parent_run_id"]
+    runs = children(uri, parent_id)
+    widths = sorted(float(r.data.params["model.overrides.width_mult"]) for r in runs)
+    assert widths == pytest.approx([0.6, 0.8])
+    for r in runs:
+        assert r.info.status == "KILLED" and r.data.tags["hip.pruned"] == "true"
+        assert "heads do not divide" in r.data.tags["hip.prune_reason"]
+        assert r.data.tags["hip.sweep_status"] == "PRUNED"
+    parent = tracking.client(uri).get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_pruned"] == 2
+
+
+def _terminated_trials(tune_dir: Path) -> list[str]:
+    """Trials Tune's newest experiment state records as TERMINATED. A restore writes a new
+    state file beside the old one: reading every file would list a trial twice."""
+    files = sorted(glob.glob(str(tune_dir / "experiment_state-*.json")), key=os.path.getmtime)
+    if not files:
+        return []
+    try:
+        state = json.loads(Path(files[-1]).read_text())
+    except (OSError, ValueError):  # being rewritten
+        return []
+    trials = [json.loads(trial) for trial, _ in state["trial_data"]]
+    return [t["trial_id"] for t in trials if t["status"] == "TERMINATED"]
+
+
+def _tree(path: Path) -> dict[str, float]:
+    return {str(p.relative_to(path)): p.stat().st_mtime for p in path.rglob("*")}
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
+        image_shards, ray_session, tmp_path):
+    sweep = tmp_path / "resume.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "resume", "base": str(ROOT / "configs" / "tiny.yaml"), "kind": "pretrain",
+        "overrides": {"trainer.num_workers": 1, "trainer.steps": 4, "trainer.eval_every": 2,
+                      "trainer.checkpoint_every": 2},
+        "space": {"optim.lr": {"grid": [2e-3, 1e-3]}},
+        "scheduler": {"type": "none"}, "resources": {"max_concurrent": 1}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, "-m", "pipeline.cli", "sweep", "--config", str(sweep),
+            f"data.path={image_shards}", f"tracking.uri={uri}", f"storage.path={tmp_path}/ck"]
+    # The driver joins the session's Ray, so killing it is what a crashed driver looks like
+    # to the cluster (its job's actors die), without starting a second Ray on 2 cores.
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "RAY_DATA_USE_DATASOURCE_V2": "0", "PYTHONUNBUFFERED": "1"}
+    tune_dir = tmp_path / "ck" / "resume" / "tune"
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _terminated_trials(tune_dir):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
+        proc.wait()
+        log.close()
+    (done,) = _terminated_trials(tune_dir)
+    state = json.loads((tmp_path / "ck" / "resume" / "sweep.json").read_text())
+    parent_id = state["parent_run_id"]
+    runs = [r for r in children(uri, parent_id) if r.data.tags["hip.trial_id"] == done]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    train_dir = tmp_path / "ck" / "resume" / "train" / f"resume-{done}"
+    before = _tree(train_dir)
+    assert before
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming Tune experiment" in resumed.stdout
+    c = tracking.client(uri)
+    all_runs = children(uri, parent_id)
+    again = [r for r in all_runs if r.data.tags["hip.trial_id"] == done]
+    assert [r.info.run_id for r in again] == [runs[0].info.run_id]  # not run again
+    assert _tree(train_dir) == before  # no new checkpoints either
+    others = [r for r in all_runs if r.data.tags["hip.trial_id"] != done]
+    live = [r for r in others if r.data.tags.get("hip.superseded") != "true"]
+    assert len(live) == 1 and live[0].info.status == "FINISHED"
+    for r in others:  # a run the killed driver left behind is closed, not left RUNNING
+        assert r.info.status in ("FINISHED", "KILLED")
+    parent = c.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and "hip.resumed_at" in parent.data.tags
+    assert parent.data.metrics["trials_finished"] == 2
+    assert sorted(_terminated_trials(tune_dir)) == sorted(
+        [done, live[0].data.tags["hip.trial_id"]])
