@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import load_avg, machine
 from pipeline.config import PreprocessConfig, load_config
 from pipeline.preprocess import DecodeSpec, decode_batch, list_inputs, run_preprocess
 from pipeline.sample_data import write_sample_data
@@ -222,17 +223,6 @@ def config(modality: str, src: Path, out: Path, overrides: list[str]) -> Preproc
 # ---------------------------------------------------------------------------- the report
 
 
-def machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f
-                    if line.startswith("model name")), "?")
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM"
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
@@ -251,7 +241,7 @@ def main() -> None:
     root = Path(args.workdir)
     counts = {"image": args.images, "audio": args.audio, "video": args.videos}
     counts = {k: max(10, int(v * args.scale)) for k, v in counts.items() if v > 0}
-    print(f"machine: {machine()}; load average {load_avg()}", flush=True)
+    print(f"machine: {machine()}", flush=True)
 
     from pipeline.runtime import init_ray
 

@@ -1,11 +1,14 @@
 """ASHA vs no early stopping: the same sweep, wall time and whether both pick the same winner.
 
-    python -m benchmarks.sweep_efficiency [--steps 96] [--per-class 16] [--workdir DIR]
+    python -m benchmarks.sweep_efficiency [--trials 8] [--steps 160] [--grace 8] [--rf 4]
 
 Generates the sample images (64x64), preprocesses them, then runs one learning-rate sweep of
-the quickstart MAE pretraining (8 log-spaced learning rates, 1 Ray Train worker per trial,
-as many trials at once as the cluster fits) twice on the local Ray: with ASHA (rungs at
-steps 8 and 32, reduction factor 4) and with no scheduler (every trial runs all steps).
+the quickstart MAE pretraining (--trials learning rates sampled log-uniformly in [1e-4, 3e-2]
+with seed 0, 1 Ray Train worker per trial, as many trials at once as the cluster fits) twice
+on the local Ray: with ASHA (time_attr = step; rungs at grace x rf^k) and with no scheduler
+(every trial runs all steps). Both runs sample the same configurations in the same order,
+and `data.deterministic` gives every trial the same batches in the same order, so a
+configuration trains identically in both runs up to the step ASHA stops it.
 Reports the wall-time ratio, the optimizer steps actually run (a load-independent measure of
 the compute ASHA saved) and both winners. Target: ASHA <= 40% of the full sweep's wall time
 with the same winner.
@@ -14,50 +17,38 @@ with the same winner.
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 from pathlib import Path
 
 import yaml
 
+from benchmarks.common import image_shards, machine
+
 ROOT = Path(__file__).resolve().parents[1]
-LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]
+LR_RANGE = [1e-4, 3e-2]
 
 
-def prepare(workdir: Path, per_class: int) -> Path:
-    from pipeline import cli
-    from pipeline.sample_data import write_sample_data
 
-    shards = workdir / "shards" / "image"
-    if not (shards / "manifest.json").exists():
-        write_sample_data(workdir / "raw", per_class=per_class, seed=0, modalities=("image",),
-                          image_size=64)
-        rc = cli.main(["preprocess", "--modality", "image", "--input",
-                       str(workdir / "raw" / "image"), "--output", str(shards),
-                       "image.size=64"])
-        if rc:
-            raise SystemExit(rc)
-    return shards
-
-
-def sweep_file(workdir: Path, scheduler: str, steps: int) -> Path:
+def sweep_file(workdir: Path, scheduler: str, args: argparse.Namespace) -> Path:
+    steps = args.steps
     path = workdir / f"bench-{scheduler}.yaml"
     path.write_text(yaml.safe_dump({
         "name": f"bench-{scheduler}", "base": str(ROOT / "configs" / "quickstart-pretrain.yaml"),
         "kind": "pretrain",
         "overrides": {"trainer.num_workers": 1, "trainer.steps": steps, "trainer.eval_every": 8,
                       "trainer.checkpoint_every": steps, "trainer.log_every": 8,
-                      "optim.warmup_steps": 8, "trainer.seed": 0},
-        "space": {"optim.lr": {"grid": LRS}},
+                      "optim.warmup_steps": 8, "trainer.seed": 0, "data.deterministic": True},
+        "space": {"optim.lr": {"loguniform": LR_RANGE}},
+        "num_samples": args.trials, "searcher": {"seed": 0},
         "metric": "val_loss", "mode": "min",
-        "scheduler": {"type": scheduler, "grace_period": 8, "reduction_factor": 4}}))
+        "scheduler": {"type": scheduler, "grace_period": args.grace,
+                      "reduction_factor": args.rf}}))
     return path
 
 
-def run(workdir: Path, shards: Path, scheduler: str, steps: int) -> dict:
+def run(workdir: Path, shards: Path, scheduler: str, args: argparse.Namespace) -> dict:
     from sweeps.driver import plan_sweep, run_sweep
 
-    plan = plan_sweep(sweep_file(workdir, scheduler, steps), [
+    plan = plan_sweep(sweep_file(workdir, scheduler, args), [
         f"data.path={shards}", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
         f"storage.path={workdir}/ck-{scheduler}", "tracking.experiment=bench-sweep"])
     result = run_sweep(plan, log=lambda *_: None)
@@ -69,24 +60,13 @@ def run(workdir: Path, shards: Path, scheduler: str, steps: int) -> dict:
             "by_lr": {t.values["optim.lr"]: (t.status, t.step, t.metric) for t in result.trials}}
 
 
-def machine() -> str:
-    def sh(cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, shell=True, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "?"
-
-    cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
-    mem = sh("free -h | awk '/Mem:/ {print $2}'")
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return (f"nproc {sh('nproc')}, {mem} RAM, {cpu or platform.processor()}, "
-            f"load average {load}")
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=96)
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--steps", type=int, default=160)
+    p.add_argument("--grace", type=int, default=8, help="ASHA grace period (steps)")
+    p.add_argument("--rf", type=int, default=4, help="ASHA reduction factor")
     p.add_argument("--per-class", type=int, default=16)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/hip-bench-sweep"))
     args = p.parse_args(argv)
@@ -95,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runtime import init_ray
 
     info = init_ray()
-    shards = prepare(args.workdir, args.per_class)
+    shards = image_shards(args.workdir, args.per_class)
     for old in args.workdir.glob("ck-*"):
         shutil.rmtree(old)  # a rerun starts fresh (sweeps refuse to overwrite)
     (args.workdir / "mlflow.db").unlink(missing_ok=True)
     print(f"machine: {machine()}; Ray: {info.cpus:.0f} logical CPUs", flush=True)
     results = {}
     for scheduler in ("asha", "none"):
-        r = results[scheduler] = run(args.workdir, shards, scheduler, args.steps)
+        r = results[scheduler] = run(args.workdir, shards, scheduler, args)
         print(f"  {scheduler}: {r['wall_s']:.0f} s, {r['finished']} finished, {r['stopped']} "
               f"stopped early, {r['steps_run']} steps run, best lr {r['best_lr']} "
               f"(val_loss {r['best_metric']:.4f})", flush=True)
@@ -111,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     a, f = results["asha"], results["none"]
     ratio = a["wall_s"] / f["wall_s"]
     same = a["best_lr"] == f["best_lr"]
-    print(f"\n{len(LRS)} trials x {args.steps} steps (quickstart HiP, 64x64 images, 1 worker "
-          "per trial)\n")
+    print(f"\n{args.trials} trials x {args.steps} steps, lr log-uniform in {LR_RANGE} (seed 0), "
+          "quickstart HiP, 64x64 images, 1 worker per trial, deterministic data\n")
     print("| scheduler | wall (s) | trials finished / stopped early | optimizer steps run | "
           "best lr | best val_loss |")
     print("|---|---|---|---|---|---|")
-    for name, r in (("ASHA (grace 8, rf 4)", a), ("none (all to the end)", f)):
+    for name, r in ((f"ASHA (grace {args.grace}, rf {args.rf})", a), ("none (all to the end)", f)):
         print(f"| {name} | {r['wall_s']:.0f} | {r['finished']} / {r['stopped']} | "
               f"{r['steps_run']} | {r['best_lr']} | {r['best_metric']:.4f} |")
     steps = a["steps_run"] / f["steps_run"]
