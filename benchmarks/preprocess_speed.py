@@ -33,7 +33,9 @@ import numpy as np
 
 from benchmarks.common import load_avg, machine
 from pipeline.config import PreprocessConfig, load_config
-from pipeline.preprocess import DecodeSpec, decode_batch, list_inputs, run_preprocess
+from pipeline.decode import DecodeSpec, decode_batch
+from pipeline.listing import list_inputs
+from pipeline.preprocess import run_preprocess
 from pipeline.sample_data import write_sample_data
 
 GEN = {  # what the generated raw files look like

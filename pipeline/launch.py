@@ -110,6 +110,15 @@ def _datasets(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _data_config(cfg: TrainConfig):
+    """Ray Train's ingest options; data.deterministic keeps block order fixed run to run."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = cfg.data.deterministic
+    return ray.train.DataConfig(execution_options=opts)
+
+
 def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
                  extra_tags: dict[str, str] | None = None, callbacks: list | None = None,
                  log=print) -> TrainResult:
@@ -154,7 +163,7 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
             worker_runtime_env=_worker_env(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep)),
-        datasets=datasets)
+        datasets=datasets, dataset_config=_data_config(cfg))
     start = time.time()
     try:
         result = trainer.fit()

@@ -20,26 +20,21 @@ folders before writing, so rows are never duplicated.
 
 from __future__ import annotations
 
-import asyncio
-import csv
-import hashlib
-import io
 import json
-import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import fsspec
 import numpy as np
-import pyarrow as pa
 
-from pipeline import media, shards
+from pipeline import shards
 from pipeline.config import PreprocessConfig, config_hash, config_to_dict
+from pipeline.decode import Decoder, DecodeSpec, decode_batch
+from pipeline.listing import Listing, list_inputs
 
 MARKER = "_HIP_INCOMPLETE"
 ACCEPTED_COLUMNS = ["id", "label", "label_name", "source", "split"]
@@ -49,239 +44,6 @@ FORMAT = "hip-shards/1"
 
 class PreflightError(ValueError):
     """A problem found before any Ray work; the message is one line for the user."""
-
-
-class _Reject(Exception):
-    """A reject found by the job itself (media.MediaError covers decoding): reasons
-    "unreadable" (the file could not be read) and "decode_error" (unexpected failure)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-# --------------------------------------------------------------------------------------
-# Decoding (runs inside Ray workers)
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DecodeSpec:
-    """What a decode worker needs: the modality, the decoder settings and output shapes."""
-
-    modality: str
-    image: dict[str, int]
-    audio: dict[str, int]
-    video: dict[str, int]
-
-    @classmethod
-    def from_config(cls, cfg: PreprocessConfig) -> DecodeSpec:
-        a = cfg.audio
-        return cls(
-            modality=cfg.modality,
-            image={"size": cfg.image.size, "max_pixels": cfg.image.max_pixels},
-            audio={"sample_rate": a.sample_rate, "num_samples": a.num_samples,
-                   "min_samples": a.min_samples},
-            video={"num_frames": cfg.video.frames, "size": cfg.video.size,
-                   "max_pixels": cfg.video.max_pixels},
-        )
-
-    @property
-    def tensors(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Tensor column -> (per-row shape, dtype)."""
-        s, f = self.video["size"], self.video["num_frames"]
-        video = {"video": ((f, s, s, 3), "uint8")}
-        audio = {"audio": ((self.audio["num_samples"],), "float32")}
-        return {
-            "image": {"image": ((self.image["size"],) * 2 + (3,), "uint8")},
-            "audio": audio,
-            "video": video,
-            "audio+video": {**video, **audio, "has_audio": ((), "bool")},
-        }[self.modality]
-
-    def decode(self, data: bytes) -> dict[str, Any]:
-        """Bytes of one file -> {column: array}; raises media.MediaError on bad input."""
-        if self.modality == "image":
-            return {"image": media.decode_image(data, **self.image)}
-        if self.modality == "audio":
-            return {"audio": media.decode_audio(data, **self.audio)}
-        with_audio = self.modality == "audio+video"
-        kwargs = {"sample_rate": self.audio["sample_rate"],
-                  "num_samples": self.audio["num_samples"]} if with_audio else {}
-        frames, audio, has_audio = media.decode_video(
-            data, **self.video, with_audio=with_audio, **kwargs
-        )
-        if not with_audio:
-            return {"video": frames}
-        if audio is None:  # no audio track: silence, flagged
-            audio = np.zeros(self.audio["num_samples"], np.float32)
-        return {"video": frames, "audio": audio, "has_audio": bool(has_audio)}
-
-
-def _read_each(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[bytes | Exception]:
-    """Whole-file bytes per path, in order; an error is yielded in place, never raised."""
-    if getattr(fs, "async_impl", False):  # gcsfs: fetch the batch concurrently, not serially
-        async def fetch() -> list[Any]:
-            jobs = (fs._cat_file(p) for p in paths)
-            return await asyncio.gather(*jobs, return_exceptions=True)
-
-        yield from fsspec.asyn.sync(fs.loop, fetch)
-        return
-    for p in paths:  # local: one file in memory at a time
-        try:
-            data = fs.cat_file(p)
-        except Exception as e:  # one unreadable file must not end the job
-            data = e
-        yield data
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray], spec: DecodeSpec, fs: fsspec.AbstractFileSystem
-) -> pa.Table:
-    """Listing rows (B) -> decoded rows (B): tensors, or zeros + split="rejects" + reason.
-
-    Tensors leave as raw bytes (see shards.tensor_to_arrow). Rejects keep zero tensors only
-    in flight (one schema per block); ShardSink drops those columns for rejects/.
-    """
-    paths = [str(p) for p in batch["path"]]
-    n = len(paths)
-    out = {k: np.zeros((n, *shape), dtype) for k, (shape, dtype) in spec.tensors.items()}
-    split = [str(s) for s in batch["split"]]
-    reason, detail = [""] * n, [""] * n
-    for i, data in enumerate(_read_each(fs, paths)):
-        try:
-            if isinstance(data, BaseException):
-                raise _Reject("unreadable", f"{type(data).__name__}: {data}")
-            values = spec.decode(data)
-            for key, (shape, dtype) in spec.tensors.items():
-                value = np.asarray(values[key])
-                if value.shape != shape or value.dtype != np.dtype(dtype):
-                    raise _Reject(
-                        "decode_error", f"{key}: got {value.dtype}{value.shape}, "
-                        f"expected {dtype}{shape}")
-                out[key][i] = value
-        except Exception as e:  # quarantine every failure as a reject
-            reason[i] = getattr(e, "reason", "decode_error")
-            detail[i] = (getattr(e, "detail", "") or f"{type(e).__name__}: {e}")[:500]
-            split[i] = shards.REJECTS
-    text = {"id": batch["id"], "label_name": batch["label_name"], "source": batch["source"],
-            "split": split, "reason": reason, "detail": detail}
-    columns = {k: pa.array([str(x) for x in v], pa.string()) for k, v in text.items()}
-    columns["label"] = pa.array(np.asarray(batch["label"], np.int64))
-    for key, (shape, _) in spec.tensors.items():  # scalars (has_audio) stay plain columns
-        columns[key] = shards.tensor_to_arrow(out[key]) if shape else pa.array(out[key])
-    return pa.table(columns)
-
-
-class Decoder:
-    """decode_batch as a callable class, for ActorPoolStrategy (state set up once)."""
-
-    def __init__(self, spec: DecodeSpec, fs: fsspec.AbstractFileSystem):
-        self.spec, self.fs = spec, fs
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return decode_batch(batch, self.spec, self.fs)
-
-
-# --------------------------------------------------------------------------------------
-# Inputs: files, labels, ids, splits, fingerprint (driver side, before Ray)
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Listing:
-    rows: list[dict[str, Any]]  # id, label, label_name, source, path, split per input file
-    classes: list[str]  # label -> name
-    ignored: int  # files without the modality's extensions
-    labels_unmatched: int  # CSV rows naming no input file
-    fingerprint: str  # sha256 over input root, relative paths, sizes, mtimes, labels CSV
-
-    @property
-    def count(self) -> int:
-        return len(self.rows)
-
-
-def list_inputs(cfg: PreprocessConfig) -> Listing:
-    """Media files under cfg.input (hidden files skipped) with labels, ids and splits.
-
-    id = sha256 of the path relative to the input root, so ids and splits survive moving
-    the dataset (local disk <-> bucket). Labels: `--labels` CSV, else the first sub-folder
-    (ImageFolder), else -1. Raises ValueError with a one-line message.
-    """
-    fs, root = shards.resolve(cfg.input)
-    if not fs.exists(root):
-        raise ValueError(f"input {cfg.input} does not exist")
-    if not fs.isdir(root):
-        raise ValueError(f"input {cfg.input} is not a folder")
-    kind = "video" if cfg.modality == "audio+video" else cfg.modality
-    exts = media.EXTENSIONS[kind]
-    files, ignored = [], 0
-    for path, info in sorted(fs.find(root, detail=True).items()):
-        rel = posixpath.relpath(path, root)
-        if info.get("type") == "directory" or any(p.startswith(".") for p in rel.split("/")):
-            continue
-        if posixpath.splitext(rel)[1].lower() not in exts:
-            ignored += 1
-            continue
-        files.append((rel, path, info))
-    if not files:
-        raise ValueError(f"no {kind} files ({' '.join(sorted(exts))}) under {cfg.input}")
-    rels = [rel for rel, _, _ in files]
-    if cfg.labels:
-        names, unmatched, csv_digest = _labels_from_csv(cfg.labels, fs, root, rels)
-    else:
-        names = {rel: rel.split("/")[0] for rel in rels if "/" in rel}
-        unmatched, csv_digest = 0, ""
-    classes = sorted(set(names.values()), key=_class_key)
-    index = {name: i for i, name in enumerate(classes)}
-    scheme = "" if shards.is_local(cfg.input) else cfg.input.split("://")[0] + "://"
-    rows, stamps = [], []
-    for rel, path, info in files:
-        rid = hashlib.sha256(rel.encode()).hexdigest()[:16]
-        val = int(rid[:8], 16) / 2**32 < cfg.split.val_fraction
-        name = names.get(rel, "")
-        rows.append({"id": rid, "label": index.get(name, -1), "label_name": name,
-                     "source": scheme + path, "path": path, "split": "val" if val else "train"})
-        stamp = next((info[k] for k in ("mtime", "updated", "LastModified", "generation",
-                                        "etag") if info.get(k) is not None), "")
-        stamps.append([rel, info.get("size"), str(stamp)])
-    blob = json.dumps([scheme + root, stamps, csv_digest], sort_keys=True)
-    return Listing(rows, classes, ignored, unmatched, hashlib.sha256(blob.encode()).hexdigest())
-
-
-def _labels_from_csv(
-    uri: str, fs: fsspec.AbstractFileSystem, root: str, rels: list[str]
-) -> tuple[dict[str, str], int, str]:
-    """CSV `path,label` (optional header; paths relative to the input root, or absolute /
-    URIs inside it) -> ({relative path: label name}, unmatched rows, content sha256)."""
-    try:
-        lfs, lpath = shards.resolve(uri)
-        text = lfs.cat_file(lpath).decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read labels CSV {uri}: {e}") from None
-    names: dict[str, str] = {}
-    for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or (line == 1 and [c.strip().lower() for c in row] == ["path", "label"]):
-            continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise ValueError(f"labels CSV {uri} line {line}: expected `path,label`, got {row}")
-        path, name = row[0].strip(), row[1].strip()
-        if "://" in path or os.path.isabs(path):
-            path = posixpath.relpath(shards.resolve(path)[1], root)
-        rel = posixpath.normpath(path)
-        if names.setdefault(rel, name) != name:
-            raise ValueError(f"labels CSV {uri} line {line}: {rel} labelled twice")
-    known = set(rels)
-    matched = {rel: name for rel, name in names.items() if rel in known}
-    if not matched:
-        raise ValueError(f"labels CSV {uri} names none of the {len(rels)} input files "
-                         "(paths must be relative to --input)")
-    return matched, len(names) - len(matched), hashlib.sha256(text.encode()).hexdigest()
-
-
-def _class_key(name: str) -> tuple[int, int, str]:
-    """Numeric class names sort as numbers ("2" < "10"), so "0".."K-1" keep their value."""
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
 # --------------------------------------------------------------------------------------

@@ -91,9 +91,13 @@ class _Ctx:
 def _batches(ds, ctx: _Ctx, columns: list[str], *, train: bool):
     """Endless (train) or one-pass (eval) iterator of raw tensor batches from a shard."""
     kw = dict(batch_size=ctx.cfg.optim.batch_size, device=ctx.device)
+    epoch = 0
     while True:
-        it = ds.iter_torch_batches(drop_last=train, **kw,
-                                   local_shuffle_buffer_size=256 if train else None)
+        # Seeded per rank and epoch: the same rows in the same order give the same batches.
+        shuffle = dict(local_shuffle_buffer_size=256,
+                       local_shuffle_seed=ctx.cfg.trainer.seed + 1000 * epoch + ctx.rank)
+        it = ds.iter_torch_batches(drop_last=train, **kw, **(shuffle if train else {}))
+        epoch += 1
         n = 0
         for b in it:
             n += 1

@@ -26,6 +26,10 @@ class DataSection(StrictModel):
         None, description="checked against the manifest; None = take the manifest's")
     train_split: str = "train"
     val_split: str = "val"
+    deterministic: bool = Field(False, description=(
+        "every run of this config sees the same batches in the same order (Ray Data "
+        "preserve_order; the shuffle buffer is always seeded from trainer.seed): what a sweep "
+        "comparing configurations wants; costs some ingest throughput on big clusters"))
 
 
 class ModelSection(StrictModel):

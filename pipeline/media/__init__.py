@@ -1,0 +1,34 @@
+"""Decode and normalise media bytes into fixed-shape arrays.
+
+Pure functions: bytes in, new numpy arrays out; no Ray and no file system. Bad input always
+raises MediaError with a stable `reason` code, which the preprocessing job records as a reject.
+
+Shape letters: S output side (`size`), F frames (`num_frames`), T samples, C channels.
+    decode_image -> (S, S, 3) uint8 RGB
+    decode_audio -> (T,) float32 mono in [-1, 1] at `sample_rate`, T = `num_samples`
+    decode_video -> (F, S, S, 3) uint8 RGB, (T,) float32 audio or None, has_audio
+"""
+
+from pipeline.media.audio import decode_audio
+from pipeline.media.errors import (
+    EXTENSIONS,
+    REASON_CORRUPT,
+    REASON_EMPTY,
+    REASON_NO_FRAMES,
+    REASON_NO_SAMPLES,
+    REASON_NOT_MEDIA,
+    REASON_TOO_LARGE,
+    REASON_TOO_SHORT,
+    REASON_UNSUPPORTED,
+    REASONS,
+    MediaError,
+)
+from pipeline.media.image import decode_image, resize_center_crop
+from pipeline.media.video import decode_video
+
+__all__ = [
+    "EXTENSIONS", "REASONS", "REASON_CORRUPT", "REASON_EMPTY", "REASON_NOT_MEDIA",
+    "REASON_NO_FRAMES", "REASON_NO_SAMPLES", "REASON_TOO_LARGE", "REASON_TOO_SHORT",
+    "REASON_UNSUPPORTED", "MediaError", "decode_audio", "decode_image", "decode_video",
+    "resize_center_crop",
+]
