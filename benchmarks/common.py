@@ -20,16 +20,16 @@ def load_avg() -> str:
 
 
 def image_shards(workdir: Path, per_class: int) -> Path:
-    """The sample images at 64x64 through `hip preprocess`, made once per workdir."""
+    """The sample images at 64x64 through `hip preprocess`, made once per workdir and size."""
     from pipeline import cli
     from pipeline.sample_data import write_sample_data
 
-    shards = workdir / "shards" / "image"
+    raw, shards = workdir / f"raw-{per_class}", workdir / f"shards-{per_class}" / "image"
     if not (shards / "manifest.json").exists():
-        write_sample_data(workdir / "raw", per_class=per_class, seed=0, modalities=("image",),
+        write_sample_data(raw, per_class=per_class, seed=0, modalities=("image",),
                           image_size=64)
         rc = cli.main(["preprocess", "--modality", "image", "--input",
-                       str(workdir / "raw" / "image"), "--output", str(shards),
+                       str(raw / "image"), "--output", str(shards),
                        "image.size=64"])
         if rc:
             raise SystemExit(rc)

@@ -1,11 +1,13 @@
 """ASHA vs no early stopping: the same sweep, wall time and whether both pick the same winner.
 
-    python -m benchmarks.sweep_efficiency [--trials 8] [--steps 160] [--grace 8] [--rf 4]
+    python -m benchmarks.sweep_efficiency [--trials 16] [--steps 256] [--grace 16] [--rf 4]
+                                          [--per-class 32] [--workdir DIR]
 
 Generates the sample images (64x64), preprocesses them, then runs one learning-rate sweep of
 the quickstart MAE pretraining (--trials learning rates sampled log-uniformly in [1e-4, 3e-2]
 with seed 0, 1 Ray Train worker per trial, as many trials at once as the cluster fits) twice
-on the local Ray: with ASHA (time_attr = step; rungs at grace x rf^k) and with no scheduler
+on the local Ray: with ASHA (time_attr = step; rungs at grace x rf^k below --steps; one
+val_loss report per --grace steps) and with no scheduler
 (every trial runs all steps). Both runs sample the same configurations in the same order,
 and `data.deterministic` gives every trial the same batches in the same order, so a
 configuration trains identically in both runs up to the step ASHA stops it.
@@ -34,8 +36,9 @@ def sweep_file(workdir: Path, scheduler: str, args: argparse.Namespace) -> Path:
     path.write_text(yaml.safe_dump({
         "name": f"bench-{scheduler}", "base": str(ROOT / "configs" / "quickstart-pretrain.yaml"),
         "kind": "pretrain",
-        "overrides": {"trainer.num_workers": 1, "trainer.steps": steps, "trainer.eval_every": 8,
-                      "trainer.checkpoint_every": steps, "trainer.log_every": 8,
+        "overrides": {"trainer.num_workers": 1, "trainer.steps": steps,
+                      "trainer.eval_every": args.grace, "trainer.checkpoint_every": steps,
+                      "trainer.log_every": 8,
                       "optim.warmup_steps": 8, "trainer.seed": 0, "data.deterministic": True},
         "space": {"optim.lr": {"loguniform": LR_RANGE}},
         "num_samples": args.trials, "searcher": {"seed": 0},
@@ -63,11 +66,12 @@ def run(workdir: Path, shards: Path, scheduler: str, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=8)
-    p.add_argument("--steps", type=int, default=160)
-    p.add_argument("--grace", type=int, default=8, help="ASHA grace period (steps)")
+    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--grace", type=int, default=16,
+                   help="ASHA grace period in steps; also the eval interval (one report per rung)")
     p.add_argument("--rf", type=int, default=4, help="ASHA reduction factor")
-    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--per-class", type=int, default=32)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/hip-bench-sweep"))
     args = p.parse_args(argv)
     import shutil

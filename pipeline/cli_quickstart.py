@@ -24,10 +24,12 @@ KEY_TAG = "hip.quickstart_key"
 SCALES: dict[str, dict[str, Any]] = {
     "full": {"per_class": 30, "image_size": 64, "audio": ["audio.sample_rate=16000",
              "audio.seconds=1.0"], "video": ["video.frames=8", "video.size=32"],
-             "pretrain_steps": 120, "finetune_steps": 60, "batch": 16, "sweep_steps": 20},
+             "pretrain_steps": 120, "finetune_steps": 60, "batch": 16, "sweep_steps": 20,
+             "workers": 2},
     "small": {"per_class": 6, "image_size": 16, "audio": ["audio.sample_rate=8000",
               "audio.seconds=0.5"], "video": ["video.frames=4", "video.size=16"],
-              "pretrain_steps": 6, "finetune_steps": 4, "batch": 8, "sweep_steps": 4},
+              "pretrain_steps": 6, "finetune_steps": 4, "batch": 8, "sweep_steps": 4,
+              "workers": 1},
 }
 
 
@@ -75,11 +77,11 @@ def run_quickstart(workdir: Path, *, small: bool = False, log=print) -> int:
     common = [f"data.path={data / 'shards' / 'image'}", f"tracking.uri={uri}",
               f"storage.path={runs / 'checkpoints'}", f"tracking.experiment={EXPERIMENT}",
               f"optim.batch_size={scale['batch']}"]
+    workers = f"trainer.num_workers={scale['workers']}"
     pre = stages.run("MAE pretrain", lambda: _train(
-        "pretrain", "quickstart-pretrain.yaml", [*common,
-                                                 f"trainer.steps={scale['pretrain_steps']}"],
-        uri))
-    ft_args = [*common, f"trainer.steps={scale['finetune_steps']}",
+        "pretrain", "quickstart-pretrain.yaml",
+        [*common, workers, f"trainer.steps={scale['pretrain_steps']}"], uri))
+    ft_args = [*common, workers, f"trainer.steps={scale['finetune_steps']}",
                f"trainer.eval_every={max(2, scale['finetune_steps'] // 4)}"]
     ft_mae = stages.run("finetune from MAE", lambda: _train(
         "finetune-mae", "quickstart-finetune.yaml",

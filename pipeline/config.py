@@ -234,8 +234,11 @@ class ShardSettings(StrictModel):
 
 class ReadSettings(StrictModel):
     batch_size: int = Field(
-        64, ge=1, le=4096, description="Files decoded per map_batches call (upper bound)."
+        256, ge=1, le=4096, description="Files decoded per map_batches call (upper bound)."
     )
+    block_mb: float = Field(
+        64.0, gt=0, description="Upper bound on decoded MB per batch: big rows (video) get "
+        "smaller batches, so object-store use stays bounded.")
     num_cpus: float = Field(1.0, gt=0, le=64, description="CPUs reserved per decode worker.")
     concurrency: int | None = Field(
         None, ge=1, description="Decode workers (null: cluster CPUs // num_cpus)."

@@ -8,8 +8,10 @@ with one line instead of after a cluster start.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,8 @@ def _data_config(cfg: TrainConfig):
     """Ray Train's ingest options; data.deterministic keeps block order fixed run to run."""
     import ray.train
 
+    # Ray 2.60 warns about its own default (exclude_resources); nothing for a user to do.
+    warnings.filterwarnings("ignore", message=".*exclude_resources` is deprecated")
     opts = ray.train.DataConfig.default_ingest_options()
     opts.preserve_order = cfg.data.deterministic
     return ray.train.DataConfig(execution_options=opts)
@@ -130,9 +134,14 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipeline.pg_reaper import PlacementGroupReaper, install_reaper
     from pipeline.runtime import init_ray
 
     init_ray()
+    # Progress bars from Ray Data's split coordinators only garble a log file.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    # The built-in cleaner needs the State API (dashboard): see pipeline/pg_reaper.py.
+    reaper = [] if install_reaper() else [PlacementGroupReaper()]
     # Through the object store, so workers on other nodes get the weights too.
     init_ref = ray.put(init_weights) if init_weights is not None else None
     run_name = _run_name(cfg)
@@ -159,7 +168,7 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
             num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
             resources_per_worker=cfg.trainer.resources_per_worker or None),
         run_config=ray.train.RunConfig(
-            name=run_name, **_storage(cfg), callbacks=callbacks,
+            name=run_name, **_storage(cfg), callbacks=[*(callbacks or []), *reaper],
             worker_runtime_env=_worker_env(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep)),

@@ -180,8 +180,10 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
     in_fs, _ = shards.resolve(cfg.input)
     workers = cfg.read.concurrency or max(1, int(cluster_cpus() // cfg.read.num_cpus))
     rows_per_file = _rows_per_file(cfg, spec)
-    # Small inputs: smaller batches so every worker gets some (batch_size is an upper bound).
-    batch = max(1, min(cfg.read.batch_size, -(-listing.count // workers)))
+    # Big batches amortise Ray's per-task cost; block_mb bounds big rows; small inputs get
+    # smaller batches so every worker gets some.
+    by_mb = int(cfg.read.block_mb * 2**20 // _row_bytes(spec))
+    batch = max(1, min(cfg.read.batch_size, by_mb, -(-listing.count // workers)))
     echo(f"preprocessing {listing.count} {cfg.modality} files: {cfg.input} -> {cfg.output} "
          f"({workers} decode {cfg.read.strategy}, batch {batch}, {rows_per_file} rows/file)")
     # One listing block per decode batch, and batch_size=None below (= one whole block per
@@ -214,11 +216,16 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
 
 def _rows_per_file(cfg: PreprocessConfig, spec: DecodeSpec) -> int:
     """Rows per shard file from the MB target (uncompressed) and the row bound."""
-    row_bytes = 200 + sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in spec.tensors.values())
+    row_bytes = _row_bytes(spec)
     limits = [cfg.shards.max_rows_per_file or 1 << 40]
     if cfg.shards.target_mb_per_file:
         limits.append(int(cfg.shards.target_mb_per_file * 2**20 // row_bytes))
     return max(1, min(limits))
+
+
+def _row_bytes(spec: DecodeSpec) -> int:
+    """Decoded bytes of one row (tensors + ~200 bytes of text columns)."""
+    return 200 + sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in spec.tensors.values())
 
 
 def build_manifest(

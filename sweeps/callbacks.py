@@ -5,27 +5,14 @@ TrialReport       TuneReportCallback that holds back the run's last report. Tune
                   trial actor; the last report is therefore sent by the trial itself after
                   run_training has closed the MLflow run and uploaded the final checkpoint.
 PlacementGroupReaper
-                  Removes a worker group's placement group once its controller is dead.
-                  ASHA stops a trial by killing its actor; the Train controller and workers
-                  die with it, but their placement group is scoped to the job (the sweep)
-                  and keeps its CPUs. Ray Train 2.60's own PlacementGroupCleaner asks the
-                  State API whether the controller lives: that needs the dashboard (off in
-                  our local Ray) and a single Ray instance on the machine, otherwise it never
-                  cleans, logs a warning every second and its detached actor never exits.
-                  Measured here: each early stop leaked a worker's CPU until the sweep
-                  deadlocked. The reaper pings the controller instead (no State API), and
-                  `install_reaper` puts it in place of the built-in cleaner in this process.
+                  (pipeline/pg_reaper.py) frees the placement group of a trial ASHA killed.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
-
-PING_INTERVAL_S = 1.0
 
 
 class TrialReport(TuneReportCallback):
@@ -41,57 +28,4 @@ class TrialReport(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
-class PlacementGroupReaper(WorkerGroupCallback):
-    """Start a detached watchdog per worker group that removes its placement group when the
-    controller dies (and exits by itself once the group is removed normally)."""
-
-    def after_worker_group_start(self, worker_group) -> None:
-        import ray
-
-        pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-        controller = ray.get_runtime_context().current_actor
-        # DEFAULT scheduling: otherwise the watchdog is captured into the Tune trial's
-        # placement group and dies with the trial it is meant to outlive.
-        watchdog = ray.remote(num_cpus=0)(_Watchdog).options(
-            lifetime="detached", scheduling_strategy="DEFAULT").remote(controller, pg)
-        watchdog.watch.remote()
-        return super().after_worker_group_start(worker_group)
-
-
-def install_reaper() -> bool:
-    """Make TorchTrainers built in this process (a Tune trial actor) use PlacementGroupReaper
-    instead of Ray Train's State-API-based PlacementGroupCleanerCallback. False if this Ray
-    has no such hook (then pass PlacementGroupReaper() in the run's callbacks instead)."""
-    from ray.train.v2.api import data_parallel_trainer as dpt
-
-    if not hasattr(dpt, "PlacementGroupCleanerCallback"):
-        return False
-    dpt.PlacementGroupCleanerCallback = PlacementGroupReaper
-    return True
-
-
-class _Watchdog:
-    def __init__(self, controller, pg):
-        self.controller = controller
-        self.pg = pg
-
-    def watch(self) -> None:
-        import ray
-        from ray.exceptions import ActorDiedError, GetTimeoutError
-        from ray.util.placement_group import placement_group_table, remove_placement_group
-
-        while True:
-            if placement_group_table(self.pg).get("state", "REMOVED") == "REMOVED":
-                break
-            try:
-                ray.get(self.controller.__ray_ready__.remote(), timeout=10)
-            except ActorDiedError:
-                remove_placement_group(self.pg)
-                break
-            except GetTimeoutError:
-                pass  # a busy controller is alive
-            time.sleep(PING_INTERVAL_S)
-        ray.actor.exit_actor()
-
-
-__all__ = ["TrialReport", "PlacementGroupReaper", "install_reaper"]
+__all__ = ["TrialReport"]

@@ -92,14 +92,12 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     from ray import tune
 
     from pipeline.launch import JobError, run_training
-    from sweeps.callbacks import PlacementGroupReaper, TrialReport, install_reaper
+    from sweeps.callbacks import TrialReport
     from sweeps.space import check_point
 
     ctx = ray.data.DataContext.get_current()
     for key, value in setup.get("data_context", {}).items():
         setattr(ctx, key, value)
-    # This actor only ever builds this trial's trainers: swap in the reaper (callbacks.py).
-    reaper = [] if install_reaper() else [PlacementGroupReaper()]
     sweep = SweepConfig.model_validate(setup["sweep"])
     uri, experiment, parent = setup["tracking_uri"], setup["experiment"], setup["parent_run_id"]
     trial_id = tune.get_context().get_trial_id()
@@ -138,7 +136,6 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             cfg = trial_config(setup["base"], values, sweep=sweep)
             cfg.tracking.run_name = f"{run_name}-pretrain"
             pre_id = run_training(cfg, parent_run_id=parent, log=log,
-                                  callbacks=reaper,
                                   extra_tags={**tags, STAGE_TAG: "pretrain"}).run_id
         else:
             pre_id = pre.info.run_id
@@ -152,7 +149,7 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         raise JobError(str(e)) from None
     cfg.tracking.run_name = run_name if init_from is None else f"{run_name}-finetune"
     result = run_training(cfg, parent_run_id=parent, log=log,
-                          callbacks=[TrialReport(cfg.trainer.steps), *reaper],
+                          callbacks=[TrialReport(cfg.trainer.steps)],
                           extra_tags={**tags, STAGE_TAG: stage, SCORED_TAG: "true"})
     tracking.set_tags(uri, result.run_id, {STATUS_TAG: "FINISHED"})
     # The last report, held back by TrialReport until the run is closed (see callbacks.py).
