@@ -103,10 +103,25 @@ def _storage(cfg: TrainConfig) -> dict[str, Any]:
     return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
 
 
+# Every pass over the train split is a new Ray Data execution, and its start (read tasks,
+# the split coordinator's epoch barrier) stalls every worker for ~0.4 s. Small splits are
+# chained so that one execution covers at least this many optimizer steps.
+STEPS_PER_EXECUTION = 200
+
+
+def train_passes(rows: int, cfg: TrainConfig) -> int:
+    """How many passes over the train split one Ray Data execution chains (>= 1)."""
+    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * cfg.trainer.num_workers
+    needed = -(-cfg.trainer.steps * per_step // max(rows, 1))  # passes the whole run needs
+    wanted = -(-STEPS_PER_EXECUTION * per_step // max(rows, 1))
+    return max(1, min(needed, wanted))
+
+
 def _datasets(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     columns = [*TENSOR_COLUMNS[dataset_modality(manifest)], "label"]
-    out = {"train": shards.open_shards(cfg.data.path, cfg.data.train_split)
-           .select_columns(columns)}
+    train = shards.open_shards(cfg.data.path, cfg.data.train_split).select_columns(columns)
+    passes = train_passes(int(manifest.get("splits", {}).get(cfg.data.train_split, 0)), cfg)
+    out = {"train": train.union(*[train] * (passes - 1)) if passes > 1 else train}
     if manifest.get("splits", {}).get(cfg.data.val_split):
         out["val"] = shards.open_shards(cfg.data.path, cfg.data.val_split).select_columns(columns)
     return out

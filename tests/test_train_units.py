@@ -135,3 +135,15 @@ def test_bad_train_configs_fail_fast_with_one_line_and_no_ray(tmp_path):
     assert r.returncode == 2 and "no manifest.json in" in r.stderr
     assert "Ray" not in r.stderr + r.stdout  # failed before any Ray start
     assert not (tmp_path / "runs").exists()
+
+
+def test_small_train_splits_are_chained_so_an_execution_spans_many_steps():
+    from pipeline.launch import STEPS_PER_EXECUTION, train_passes
+
+    cfg = TrainConfig.model_validate({"optim": {"batch_size": 16},
+                                      "trainer": {"num_workers": 1, "steps": 60}})
+    assert train_passes(149, cfg) == 7  # the whole run (960 rows) in one execution
+    cfg.trainer.steps = 10_000
+    assert train_passes(149, cfg) == -(-STEPS_PER_EXECUTION * 16 // 149)  # capped
+    assert train_passes(1_281_167, cfg) == 1  # ImageNet-sized: plain epochs
+    assert train_passes(0, cfg) >= 1
