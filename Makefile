@@ -30,7 +30,7 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest --durations=15
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

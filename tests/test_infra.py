@@ -73,8 +73,9 @@ def test_dockerfile_installs_this_package():
     packages = project["tool"]["setuptools"]["packages"]
     copied = set(re.findall(r"^COPY (\S+) ", text, flags=re.M))
     assert "pyproject.toml" in copied
-    for pkg in packages:
-        assert pkg in copied, f"Dockerfile does not copy package {pkg}"
+    for pkg in packages:  # a sub-package (pipeline.media) comes with its parent's folder
+        top = pkg.split(".")[0]
+        assert top in copied, f"Dockerfile does not copy package {pkg}"
     assert re.search(r"^RUN pip install \. ", text, flags=re.M)
     assert "cuda" in text.splitlines()[next(i for i, line in enumerate(text.splitlines())
                                              if line.startswith("FROM"))].lower()
