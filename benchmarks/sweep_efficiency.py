@@ -1,6 +1,6 @@
 """ASHA vs no early stopping: the same sweep, wall time and whether both pick the same winner.
 
-    python -m benchmarks.sweep_efficiency [--trials 16] [--steps 256] [--grace 16] [--rf 4]
+    python -m benchmarks.sweep_efficiency [--trials 8] [--steps 192] [--grace 16] [--rf 4]
                                           [--per-class 32] [--workdir DIR]
 
 Generates the sample images (64x64), preprocesses them, then runs one learning-rate sweep of
@@ -66,8 +66,8 @@ def run(workdir: Path, shards: Path, scheduler: str, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=16)
-    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--steps", type=int, default=192)
     p.add_argument("--grace", type=int, default=16,
                    help="ASHA grace period in steps; also the eval interval (one report per rung)")
     p.add_argument("--rf", type=int, default=4, help="ASHA reduction factor")

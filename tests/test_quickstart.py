@@ -40,12 +40,10 @@ def test_quickstart_small_runs_every_stage_and_reuses_them(ray_session, tmp_path
     assert parent.info.status == "FINISHED"
     children = [r for r in every
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4  # 2 mask ratios x 2 group layouts
-    swept = {(r.data.params["mae.mask_ratio"], r.data.params["model.overrides.groups"])
-             for r in children}
-    assert len(swept) == 4
+    # --small sweeps the mask ratio only (2 trials); the full scale adds 2 group layouts.
+    assert sorted(float(r.data.params["mae.mask_ratio"]) for r in children) == [0.5, 0.85]
     for stage in ("sample data", "preprocess image", "MAE pretrain", "finetune from MAE",
-                  "finetune from scratch", "sweep (mask ratio x group count)"):
+                  "finetune from scratch", "sweep (sweeps/quickstart.yaml)"):
         assert f"=== {stage}: " in out, stage
     assert "finetune val accuracy: from MAE" in out and "mlflow ui --backend-store-uri" in out
 
@@ -55,5 +53,5 @@ def test_quickstart_small_runs_every_stage_and_reuses_them(ray_session, tmp_path
     for stage in ("sample data", "MAE pretrain", "finetune from MAE", "finetune from scratch"):
         line = again.split(f"=== {stage}: ")[1].splitlines()[0]
         assert "(reused)" in line, (stage, line)
-    assert len(every) == 3 + 1 + 4
+    assert len(every) == 3 + 1 + 2
     assert len(c.search_runs([exp.experiment_id], "", max_results=1000)) == len(every)
