@@ -192,8 +192,9 @@ def test_points_that_cannot_run_are_pruned_with_their_reason(image_shards, ray_s
 
 def _terminated_trials(tune_dir: Path) -> list[str]:
     """Trials Tune's newest experiment state records as TERMINATED. A restore writes a new
-    state file beside the old one: reading every file would list a trial twice."""
-    files = sorted(glob.glob(str(tune_dir / "experiment_state-*.json")), key=os.path.getmtime)
+    state file beside the old one: reading every file would list a trial twice. Newest by
+    the timestamp in the name: the restored driver may touch the old file (its mtime)."""
+    files = sorted(glob.glob(str(tune_dir / "experiment_state-*.json")))
     if not files:
         return []
     try:
