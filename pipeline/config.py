@@ -221,6 +221,11 @@ class ShardSettings(StrictModel):
     target_mb_per_file: float | None = Field(
         128.0, gt=0, le=4096, description="Target uncompressed MB of rows per file."
     )
+    write: Literal["fused", "separate"] = Field(
+        "fused", description="fused: each decode task writes the rows it decoded (no "
+        "object-store hop; files hold at most one decode batch, i.e. <= read.block_mb). "
+        "separate: write tasks bundle rows up to the file target (fewer, bigger files; one "
+        "more copy). read.strategy=actors always writes separately.")
     compression: Literal["none", "snappy", "zstd", "lz4", "gzip"] = Field(
         "snappy", description="Parquet codec (uint8 pixels barely compress; snappy is cheap)."
     )

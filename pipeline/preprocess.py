@@ -3,7 +3,9 @@
 One streaming pass; nothing decoded is ever materialised:
     list inputs on the driver (fsspec: local or gs://)  ->  ray.data.from_items(listing)
     -> map_batches(decode_batch): read bytes + decode each row; a failure becomes a reject row
-    -> write_datasink(ShardSink): rows routed by `split` to train/ val/ rejects/
+    -> write_datasink(ShardSink): rows routed by `split` to train/ val/ rejects/; with
+       shards.write=fused (default) Ray fuses this into the decode tasks (one task reads,
+       decodes and writes its batch), with =separate write tasks bundle rows per file
     -> manifest.json, written last (its presence means "finished").
 
 Shape letters: S image/frame side, T audio samples, F frames.
@@ -183,9 +185,13 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
     # Big batches amortise Ray's per-task cost; block_mb bounds big rows; small inputs get
     # smaller batches so every worker gets some.
     by_mb = int(cfg.read.block_mb * 2**20 // _row_bytes(spec))
-    batch = max(1, min(cfg.read.batch_size, by_mb, -(-listing.count // workers)))
+    limits = [cfg.read.batch_size, by_mb, -(-listing.count // workers)]
+    if cfg.shards.write == "fused":  # a fused task's files hold at most its batch
+        limits.append(rows_per_file)
+    batch = max(1, min(limits))
     echo(f"preprocessing {listing.count} {cfg.modality} files: {cfg.input} -> {cfg.output} "
-         f"({workers} decode {cfg.read.strategy}, batch {batch}, {rows_per_file} rows/file)")
+         f"({workers} decode {cfg.read.strategy}, batch {batch}, {rows_per_file} rows/file, "
+         f"{cfg.shards.write} write)")
     # One listing block per decode batch, and batch_size=None below (= one whole block per
     # call): with batch_size=B, Ray would bundle blocks of ~B rows into tasks of ~2B.
     ds = ray.data.from_items(listing.rows, override_num_blocks=-(-listing.count // batch))
@@ -200,16 +206,23 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
             batch_size=None, batch_format="numpy", num_cpus=cfg.read.num_cpus,
             compute=ray.data.TaskPoolStrategy(size=workers))
     tensors = list(spec.tensors)
+    fused = cfg.shards.write == "fused" and cfg.read.strategy == "tasks"
     sink = shards.ShardSink(
         cfg.output, tensors={k: v for k, v in spec.tensors.items() if v[0]},
         rows_per_file=rows_per_file, compression=cfg.shards.compression,
-        run_id=uuid.uuid4().hex[:8],
+        run_id=uuid.uuid4().hex[:8], bundle_rows=not fused,
         columns={"train": ACCEPTED_COLUMNS + tensors, "val": ACCEPTED_COLUMNS + tensors,
                  shards.REJECTS: REJECT_COLUMNS})
     start = time.perf_counter()
-    # Writers get less than a decode worker's CPU: writing is cheap, and differing
-    # resources keep Ray from fusing decode+write into tasks of a whole file's rows each.
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    if fused:
+        # Same CPUs and task-pool size as the decode op: Ray fuses decode and write into
+        # one task, so decoded rows go straight to Parquet without an object-store hop.
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.read.num_cpus},
+                          concurrency=workers)
+    else:
+        # Writers get less than a decode worker's CPU: writing is cheap, and differing
+        # resources keep Ray from fusing decode+write into tasks of a whole file's rows.
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     elapsed = time.perf_counter() - start
     return build_manifest(plan, spec, sink.result, elapsed)
 

@@ -228,6 +228,7 @@ class ShardSink(Datasink[dict]):
         rows_per_file: int,
         compression: str,
         run_id: str,
+        bundle_rows: bool = True,
     ):
         self.root = root
         self.fs, self.base = resolve(root)  # pickled into write tasks (no secrets inside)
@@ -236,12 +237,14 @@ class ShardSink(Datasink[dict]):
         self.rows_per_file = rows_per_file
         self.compression = compression
         self.run_id = run_id
+        self.bundle_rows = bundle_rows
         self.result: dict[str, Any] | None = None
 
     @property
-    def min_rows_per_write(self) -> int:
-        # Ray bundles decoded blocks until a write task has about one file's worth of rows.
-        return self.rows_per_file
+    def min_rows_per_write(self) -> int | None:
+        # Separate write tasks: Ray bundles decoded blocks until a task has about one
+        # file's worth of rows. Fused into the decode tasks: each task writes its own rows.
+        return self.rows_per_file if self.bundle_rows else None
 
     def write(self, blocks: Iterable[Block], ctx: TaskContext) -> dict[str, Any]:
         stats = _empty_stats()

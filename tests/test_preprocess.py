@@ -161,13 +161,17 @@ def test_preprocess_modality(modality, inputs, ray_session, tmp_path, capsys):
     assert m["rejects_by_reason"] == {r: list(bad.values()).count(r) for r in set(bad.values())}
 
 
-def test_manifest_records_config_and_files(inputs, ray_session, tmp_path, capsys):
+@pytest.mark.parametrize("write", ["fused", "separate"])
+def test_manifest_records_config_and_files(inputs, ray_session, tmp_path, capsys, write):
     folder, _ = inputs["image"]
     out = tmp_path / "out"
-    assert preprocess(capsys, "--modality", "image", "--input", str(folder),
-                      "--output", str(out), "shards.max_rows_per_file=5")[0] == 0
+    code, text, _ = preprocess(capsys, "--modality", "image", "--input", str(folder),
+                               "--output", str(out), "shards.max_rows_per_file=5",
+                               f"shards.write={write}")
+    assert code == 0 and f"5 rows/file, {write} write" in text
     m = json.loads((out / "manifest.json").read_text())
     assert m["config"]["image"]["size"] == 32 and m["config"]["shards"]["max_rows_per_file"] == 5
+    assert m["config"]["shards"]["write"] == write
     assert m["columns"]["image"] == {"shape": [32, 32, 3], "dtype": "uint8"}
     assert "image: fixed_size_binary[3072]" in m["schema"]["rows"]
     assert "reason" in m["schema"]["rejects"]
