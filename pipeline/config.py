@@ -251,6 +251,10 @@ class ReadSettings(StrictModel):
     strategy: Literal["tasks", "actors"] = Field(
         "tasks", description="Ray Data compute: stateless tasks or a fixed actor pool."
     )
+    op_reservation: bool = Field(
+        False, description="Ray Data's per-operator resource reservation. Off by default: "
+        "this job has one operator, and with it on Ray starts one task alone and waits for "
+        "it before the others (measured: 0.5 s of one idle core per job, -15% rows/s).")
 
 
 class PreprocessConfig(StrictModel):

@@ -179,7 +179,6 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
 
     cfg, listing = plan.cfg, plan.listing
     spec = DecodeSpec.from_config(cfg)
-    in_fs, _ = shards.resolve(cfg.input)
     workers = cfg.read.concurrency or max(1, int(cluster_cpus() // cfg.read.num_cpus))
     rows_per_file = _rows_per_file(cfg, spec)
     # Big batches amortise Ray's per-task cost; block_mb bounds big rows; small inputs get
@@ -192,6 +191,23 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
     echo(f"preprocessing {listing.count} {cfg.modality} files: {cfg.input} -> {cfg.output} "
          f"({workers} decode {cfg.read.strategy}, batch {batch}, {rows_per_file} rows/file, "
          f"{cfg.shards.write} write)")
+    # Datasets copy the current DataContext when they are created: set it first, restore it
+    # after the job so a training run in this process gets Ray's defaults.
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = cfg.read.op_reservation
+    try:
+        return _run_job(plan, spec, workers, batch, rows_per_file)
+    finally:
+        ctx.op_resource_reservation_enabled = saved
+
+
+def _run_job(plan: Plan, spec: DecodeSpec, workers: int, batch: int,
+             rows_per_file: int) -> dict[str, Any]:
+    import ray.data
+
+    cfg, listing = plan.cfg, plan.listing
+    in_fs, _ = shards.resolve(cfg.input)
     # One listing block per decode batch, and batch_size=None below (= one whole block per
     # call): with batch_size=B, Ray would bundle blocks of ~B rows into tasks of ~2B.
     ds = ray.data.from_items(listing.rows, override_num_blocks=-(-listing.count // batch))

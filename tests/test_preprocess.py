@@ -163,12 +163,19 @@ def test_preprocess_modality(modality, inputs, ray_session, tmp_path, capsys):
 
 @pytest.mark.parametrize("write", ["fused", "separate"])
 def test_manifest_records_config_and_files(inputs, ray_session, tmp_path, capsys, write):
+    import ray.data
+
     folder, _ = inputs["image"]
     out = tmp_path / "out"
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.op_resource_reservation_enabled
     code, text, _ = preprocess(capsys, "--modality", "image", "--input", str(folder),
                                "--output", str(out), "shards.max_rows_per_file=5",
-                               f"shards.write={write}")
+                               f"shards.write={write}",
+                               f"read.op_reservation={str(write == 'separate').lower()}")
     assert code == 0 and f"5 rows/file, {write} write" in text
+    # The job's Ray Data setting does not leak into later jobs of this process.
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled == before
     m = json.loads((out / "manifest.json").read_text())
     assert m["config"]["image"]["size"] == 32 and m["config"]["shards"]["max_rows_per_file"] == 5
     assert m["config"]["shards"]["write"] == write
