@@ -37,6 +37,35 @@ def save_state(state: Mapping[str, Any], folder: str | Path) -> Path:
     return path
 
 
+def persist_state(src: str | Path, root: str, step: int, keep: int) -> str:
+    """Copy `src`/state.pt to `root`/checkpoint_<step>/ (local or gs://) and drop all but
+    the `keep` newest such folders; -> the new folder's URI. For runs without Ray Train's
+    own persistence (trainer.num_workers=0 runs the loop in the driver: Ray's local mode)."""
+    fs, base = shards.resolve(root)
+    dest = f"{base}/checkpoint_{step:06d}"
+    fs.makedirs(dest, exist_ok=True)
+    fs.put_file(str(Path(src) / STATE_FILE), f"{dest}/{STATE_FILE}")
+    for old in _step_folders(fs, base)[:-keep]:
+        fs.rm(old, recursive=True)
+    return shards.join(root, f"checkpoint_{step:06d}")
+
+
+def latest_persisted(root: str) -> str | None:
+    """The newest `persist_state` checkpoint under `root` (its state file's URI), if any."""
+    fs, base = shards.resolve(root)
+    if not fs.exists(base):
+        return None
+    folders = [f for f in _step_folders(fs, base) if fs.exists(f"{f}/{STATE_FILE}")]
+    if not folders:
+        return None
+    return shards.join(root, folders[-1].rsplit("/", 1)[-1], STATE_FILE)
+
+
+def _step_folders(fs, base: str) -> list[str]:
+    return sorted(p for p in fs.ls(base, detail=False)
+                  if p.rsplit("/", 1)[-1].startswith("checkpoint_"))
+
+
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a state file (local path or fsspec URI) with weights_only=True."""
     fs, p = shards.resolve(str(path))

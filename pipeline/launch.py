@@ -141,7 +141,12 @@ def _data_config(cfg: TrainConfig):
 def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
                  extra_tags: dict[str, str] | None = None, callbacks: list | None = None,
                  log=print) -> TrainResult:
-    """Run one pretrain/finetune job on the current (or a new local) Ray cluster."""
+    """Run one pretrain/finetune job on the current (or a new local) Ray cluster.
+
+    trainer.num_workers=0 runs the loop in this process (Ray Train's local mode: no
+    controller or worker actors, no DDP, no worker restarts); checkpoints are then written
+    by the loop itself under storage.path/<run name>/, and a rerun of the same run name
+    resumes from the newest. Ray Train callbacks do not run in local mode."""
     cfg, manifest = preflight(cfg)
     init_weights = _init_weights(cfg, manifest) if cfg.finetune.init_from else None
 
@@ -174,11 +179,14 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
         f"at {cfg.tracking.uri}")
     log(f"[hip] checkpoints under {shards.join(cfg.storage.path, run_name)}")
     datasets = _datasets(cfg, manifest)
+    local: dict[str, Any] = {}
+    if cfg.trainer.num_workers == 0:
+        local = {"local_dir": shards.join(cfg.storage.path, run_name)}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": resolved, "manifest": manifest, "run_id": run_id,
                            "init_weights": init_ref, "init_from": cfg.finetune.init_from,
-                           "splits": list(datasets)},
+                           "splits": list(datasets), **local},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
             resources_per_worker=cfg.trainer.resources_per_worker or None),

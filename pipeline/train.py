@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from models import create_model, load_mae_weights
-from pipeline import checkpoints, tracking
+from pipeline import checkpoints, shards, tracking
 from pipeline.batches import input_spec, to_model_input, to_pixels
 from pipeline.train_config import TrainConfig
 
@@ -82,6 +82,7 @@ class _Ctx:
     rank: int
     world: int
     device: torch.device
+    local_dir: str | None = None  # set in local mode (trainer.num_workers=0): see _report
 
     @property
     def logs(self) -> bool:
@@ -181,7 +182,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(config["cfg"])
     tctx = ray.train.get_context()
     ctx = _Ctx(cfg, config["manifest"], config.get("run_id"), tctx.get_world_rank(),
-               tctx.get_world_size(), ray.train.torch.get_device())
+               tctx.get_world_size(), ray.train.torch.get_device(),
+               local_dir=config.get("local_dir"))
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -201,9 +203,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     step = 0
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # resume after a failure or a rerun of the same run name
-        with ckpt.as_directory() as d:
-            state = checkpoints.load_state(Path(d) / checkpoints.STATE_FILE)
+    persisted = checkpoints.latest_persisted(ctx.local_dir) if ctx.local_dir else None
+    if ckpt is not None or persisted:  # resume after a failure or a rerun of the same name
+        if persisted:  # local mode: our own checkpoint folders (Ray's local mode has none)
+            state = checkpoints.load_state(persisted)
+        else:
+            with ckpt.as_directory() as d:
+                state = checkpoints.load_state(Path(d) / checkpoints.STATE_FILE)
         checkpoints.unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -272,8 +278,23 @@ def _report(model, opt, sched, step, metrics, cfg_dict, mh, ctx: _Ctx, *, save: 
             state = checkpoints.make_state(model, opt, sched, step=step, config=cfg_dict,
                                            manifest_hash=mh)
             checkpoints.save_state(state, tmp)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if ctx.local_dir:  # local mode: Ray Train would keep only this temp folder
+                checkpoint = _checkpoint_at(checkpoints.persist_state(
+                    tmp, ctx.local_dir, step, ctx.cfg.trainer.num_to_keep))
+            else:
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _checkpoint_at(uri: str):
+    import ray.train
+
+    if shards.is_local(uri):
+        return ray.train.Checkpoint(uri)
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = shards.resolve(uri)
+    return ray.train.Checkpoint(path, filesystem=PyFileSystem(FSSpecHandler(fs)))
 
 
 __all__ = ["build_model", "lr_factor", "make_optimizer", "train_fn_per_worker"]

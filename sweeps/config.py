@@ -260,6 +260,13 @@ def check_against_base(sweep: SweepConfig, base: dict[str, Any]) -> None:
                              stage="finetune" if sweep.kind == "pretrain-then-finetune"
                              else "first")
     t = stage_cfg.trainer
+    firsts = [trial_config(base, {}, sweep=sweep)] if sweep.kind == "pretrain-then-finetune" \
+        else []
+    if any(c.trainer.num_workers == 0 for c in [stage_cfg, *firsts]):
+        # Ray 2.60 refuses ray.train.get_context()/report() inside a Tune trial's process,
+        # which is where local mode would run the loop.
+        raise ConfigError(f"sweep {sweep.name}: trainer.num_workers=0 (Ray Train's local "
+                          "mode) cannot run inside a Tune trial; use 1 or more workers")
     if sweep.metric != "loss" and t.checkpoint_every % t.eval_every:
         # Reports happen at eval and checkpoint steps; a checkpoint-only report has no
         # val_* metric, and Tune fails a trial whose report lacks the sweep's metric.

@@ -125,6 +125,12 @@ def test_the_cli_rejects_an_invalid_space_in_one_line_without_starting_ray(tmp_p
     assert time.monotonic() - start < 60
 
 
+def test_local_mode_trials_are_refused_before_the_sweep_starts(tmp_path):
+    data = fake_shards(tmp_path / "shards", side=16)
+    with pytest.raises(ConfigError, match=r"num_workers=0 .* cannot run inside a Tune trial"):
+        plan_sweep(ROOT / "sweeps" / "tiny.yaml", [f"data.path={data}", "trainer.num_workers=0"])
+
+
 def test_a_missing_data_path_is_named_once_not_per_point(tmp_path):
     with pytest.raises(ConfigError, match=r"no point of the space can run: data.path: ") as e:
         plan_sweep(ROOT / "sweeps" / "tiny.yaml", [f"data.path={tmp_path / 'nothing'}"])

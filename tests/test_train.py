@@ -143,3 +143,25 @@ def test_deterministic_data_gives_the_same_run_twice(image_shards, tmp_path):
               for r in runs}
     assert len(curves["first"]) == 4
     assert curves["first"] == curves["second"]
+
+
+def test_local_mode_keeps_checkpoints_and_resumes(image_shards, tmp_path, capsys):
+    """trainer.num_workers=0 runs the loop in the driver (Ray Train's local mode, which keeps
+    no checkpoints of its own): the loop persists them, keeps num_to_keep, and a rerun of the
+    same run name continues from the newest."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["pretrain", "--config", TINY, f"data.path={image_shards}", f"tracking.uri={uri}",
+              f"storage.path={tmp_path}/ck", "tracking.run_name=local", "trainer.num_workers=0",
+              "trainer.checkpoint_every=2", "trainer.num_to_keep=2"]
+    run_cli(*common, "trainer.steps=6")
+    out = capsys.readouterr().out
+    folder = tmp_path / "ck" / "local"
+    assert sorted(p.name for p in folder.glob("checkpoint_*")) == [
+        "checkpoint_000004", "checkpoint_000006"]
+    assert f"checkpoint {folder / 'checkpoint_000006'}" in out
+    c = tracking.client(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("hip-tiny").experiment_id])
+    assert run.data.tags[tracking.CHECKPOINT_TAG] == str(folder / "checkpoint_000006")
+    run_cli(*common, "trainer.steps=8")
+    assert "resumed from step 6" in capsys.readouterr().out
+    assert (folder / "checkpoint_000008" / "state.pt").is_file()
