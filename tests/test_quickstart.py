@@ -42,16 +42,16 @@ def test_quickstart_small_runs_every_stage_and_reuses_them(ray_session, tmp_path
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     # --small sweeps the mask ratio only (2 trials); the full scale adds 2 group layouts.
     assert sorted(float(r.data.params["mae.mask_ratio"]) for r in children) == [0.5, 0.85]
-    for stage in ("sample data", "preprocess image", "MAE pretrain", "finetune from MAE",
-                  "finetune from scratch", "sweep (sweeps/quickstart.yaml)"):
+    for stage in ("sample data", "preprocess image", "MAE pretrain",
+                  "finetune from MAE + from scratch", "sweep (sweeps/quickstart.yaml)"):
         assert f"=== {stage}: " in out, stage
     assert "finetune val accuracy: from MAE" in out and "mlflow ui --backend-store-uri" in out
 
     # A rerun reuses the data, the shards, the three training runs and the finished sweep.
     assert cli.main(["quickstart", "--small", "--workdir", str(tmp_path)]) == 0
     again = capsys.readouterr().out
-    for stage in ("sample data", "MAE pretrain", "finetune from MAE", "finetune from scratch"):
+    for stage in ("sample data", "MAE pretrain", "finetune from MAE + from scratch"):
         line = again.split(f"=== {stage}: ")[1].splitlines()[0]
-        assert "(reused)" in line, (stage, line)
+        assert line.count("(reused)") == (2 if "+" in stage else 1), (stage, line)
     assert len(every) == 3 + 1 + 2
     assert len(c.search_runs([exp.experiment_id], "", max_results=1000)) == len(every)
