@@ -22,11 +22,15 @@ KEY_TAG = "hip.quickstart_key"
 
 # (full, small): the small scale keeps the end-to-end test fast on CI.
 SCALES: dict[str, dict[str, Any]] = {
-    "full": {"per_class": 30, "image_size": 64, "audio": ["audio.sample_rate=16000",
-             "audio.seconds=1.0"], "video": ["video.frames=8", "video.size=32"],
-             "pretrain_steps": 120, "finetune_steps": 60, "batch": 16, "sweep_steps": 20,
+    # Images: 1,000 files drawn at 64 px, trained at 32 px (1,024 pixel tokens); fewer
+    # images or steps leave the fine-tuned classifier near chance.
+    "full": {"per_class": 30, "image_per_class": 100, "image_size": 32,
+             "audio": ["audio.sample_rate=16000", "audio.seconds=1.0"],
+             "video": ["video.frames=8", "video.size=32"],
+             "pretrain_steps": 200, "finetune_steps": 200, "batch": 16, "sweep_steps": 20,
              "workers": 2, "sweep": []},
-    "small": {"per_class": 6, "image_size": 16, "audio": ["audio.sample_rate=8000",
+    "small": {"per_class": 6, "image_per_class": 6, "image_size": 16,
+              "audio": ["audio.sample_rate=8000",
               "audio.seconds=0.5"], "video": ["video.frames=4", "video.size=16"],
               "pretrain_steps": 6, "finetune_steps": 4, "batch": 8, "sweep_steps": 4,
               "workers": 1,
@@ -116,8 +120,10 @@ def _sample_data(out: Path, scale: dict[str, Any]):
 
     if (out / "image").is_dir() and any((out / "image").iterdir()):
         return None, "(reused)"
-    counts = write_sample_data(out, per_class=scale["per_class"], seed=0,
-                               image_size=max(scale["image_size"], 32))
+    counts = write_sample_data(out, per_class=scale["image_per_class"], seed=0,
+                               modalities=["image"], image_size=max(scale["image_size"], 64))
+    counts.update(write_sample_data(out, per_class=scale["per_class"], seed=0,
+                                    modalities=["audio", "video"]))
     return counts, f"({sum(counts.values())} files)"
 
 
