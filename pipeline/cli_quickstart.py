@@ -71,6 +71,7 @@ class _Stages:
 def run_quickstart(workdir: Path, *, small: bool = False, log=print) -> int:
     from pipeline.runtime import init_ray
 
+    began = time.time()
     scale = SCALES["small" if small else "full"]
     workdir = workdir.resolve()
     data, runs = workdir / "data", workdir / "runs"
@@ -101,6 +102,7 @@ def run_quickstart(workdir: Path, *, small: bool = False, log=print) -> int:
     sweep = stages.run("sweep (sweeps/quickstart.yaml)",
                        lambda: _sweep(common, scale, uri, runs / "compare"))
     _report(stages, pre, ft_mae, ft_scratch, sweep, uri, runs, log)
+    log(f"quickstart wall time: {time.time() - began:.1f} s (stages + Ray start-up)")
     return 0
 
 

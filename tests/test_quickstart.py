@@ -46,6 +46,7 @@ def test_quickstart_small_runs_every_stage_and_reuses_them(ray_session, tmp_path
                   "finetune from MAE + from scratch", "sweep (sweeps/quickstart.yaml)"):
         assert f"=== {stage}: " in out, stage
     assert "finetune val accuracy: from MAE" in out and "mlflow ui --backend-store-uri" in out
+    assert "quickstart wall time: " in out
 
     # A rerun reuses the data, the shards, the three training runs and the finished sweep.
     assert cli.main(["quickstart", "--small", "--workdir", str(tmp_path)]) == 0
