@@ -37,14 +37,15 @@ def save_state(state: Mapping[str, Any], folder: str | Path) -> Path:
     return path
 
 
-def persist_state(src: str | Path, root: str, step: int, keep: int) -> str:
-    """Copy `src`/state.pt to `root`/checkpoint_<step>/ (local or gs://) and drop all but
+def persist_state(state: Mapping[str, Any], root: str, step: int, keep: int) -> str:
+    """Write `state` to `root`/checkpoint_<step>/state.pt (local or gs://) and drop all but
     the `keep` newest such folders; -> the new folder's URI. For runs without Ray Train's
     own persistence (trainer.num_workers=0 runs the loop in the driver: Ray's local mode)."""
     fs, base = shards.resolve(root)
     dest = f"{base}/checkpoint_{step:06d}"
     fs.makedirs(dest, exist_ok=True)
-    fs.put_file(str(Path(src) / STATE_FILE), f"{dest}/{STATE_FILE}")
+    with fs.open(f"{dest}/{STATE_FILE}", "wb") as f:
+        torch.save(dict(state), f)
     for old in _step_folders(fs, base)[:-keep]:
         fs.rm(old, recursive=True)
     return shards.join(root, f"checkpoint_{step:06d}")

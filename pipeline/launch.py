@@ -93,16 +93,6 @@ def _run_name(cfg: TrainConfig) -> str:
         f"{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _storage(cfg: TrainConfig) -> dict[str, Any]:
-    if shards.is_local(cfg.storage.path):
-        Path(cfg.storage.path).mkdir(parents=True, exist_ok=True)
-        return {"storage_path": cfg.storage.path}
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = shards.resolve(cfg.storage.path)
-    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
-
-
 # Every pass over the train split is a new Ray Data execution, and its start (read tasks,
 # the split coordinator's epoch barrier) stalls every worker for ~0.4 s. Small splits are
 # chained so that one execution covers at least this many optimizer steps.
@@ -191,7 +181,8 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
             num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
             resources_per_worker=cfg.trainer.resources_per_worker or None),
         run_config=ray.train.RunConfig(
-            name=run_name, **_storage(cfg), callbacks=[*(callbacks or []), *reaper],
+            name=run_name, **shards.storage_kwargs(cfg.storage.path),
+            callbacks=[*(callbacks or []), *reaper],
             worker_runtime_env=_worker_env(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep)),

@@ -27,6 +27,7 @@ import posixpath
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -185,62 +186,63 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
     # smaller batches so every worker gets some.
     by_mb = int(cfg.read.block_mb * 2**20 // _row_bytes(spec))
     limits = [cfg.read.batch_size, by_mb, -(-listing.count // workers)]
-    if cfg.shards.write == "fused":  # a fused task's files hold at most its batch
+    # Actor pools cannot be fused with the write; fused tasks' files hold one batch at most.
+    fused = cfg.shards.write == "fused" and cfg.read.strategy == "tasks"
+    if fused:
         limits.append(rows_per_file)
     batch = max(1, min(limits))
     echo(f"preprocessing {listing.count} {cfg.modality} files: {cfg.input} -> {cfg.output} "
          f"({workers} decode {cfg.read.strategy}, batch {batch}, {rows_per_file} rows/file, "
          f"{cfg.shards.write} write)")
-    # Datasets copy the current DataContext when they are created: set it first, restore it
-    # after the job so a training run in this process gets Ray's defaults.
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.op_resource_reservation_enabled
-    ctx.op_resource_reservation_enabled = cfg.read.op_reservation
-    try:
-        return _run_job(plan, spec, workers, batch, rows_per_file)
-    finally:
-        ctx.op_resource_reservation_enabled = saved
-
-
-def _run_job(plan: Plan, spec: DecodeSpec, workers: int, batch: int,
-             rows_per_file: int) -> dict[str, Any]:
-    import ray.data
-
-    cfg, listing = plan.cfg, plan.listing
     in_fs, _ = shards.resolve(cfg.input)
-    # One listing block per decode batch, and batch_size=None below (= one whole block per
-    # call): with batch_size=B, Ray would bundle blocks of ~B rows into tasks of ~2B.
-    ds = ray.data.from_items(listing.rows, override_num_blocks=-(-listing.count // batch))
-    if cfg.read.strategy == "actors":
-        ds = ds.map_batches(
-            Decoder, fn_constructor_args=(spec, in_fs), batch_size=None,
-            batch_format="numpy", num_cpus=cfg.read.num_cpus,
-            compute=ray.data.ActorPoolStrategy(size=workers))
-    else:
-        ds = ds.map_batches(
-            decode_batch, fn_kwargs={"spec": spec, "fs": in_fs},
-            batch_size=None, batch_format="numpy", num_cpus=cfg.read.num_cpus,
-            compute=ray.data.TaskPoolStrategy(size=workers))
     tensors = list(spec.tensors)
-    fused = cfg.shards.write == "fused" and cfg.read.strategy == "tasks"
     sink = shards.ShardSink(
         cfg.output, tensors={k: v for k, v in spec.tensors.items() if v[0]},
         rows_per_file=rows_per_file, compression=cfg.shards.compression,
         run_id=uuid.uuid4().hex[:8], bundle_rows=not fused,
         columns={"train": ACCEPTED_COLUMNS + tensors, "val": ACCEPTED_COLUMNS + tensors,
                  shards.REJECTS: REJECT_COLUMNS})
-    start = time.perf_counter()
-    if fused:
-        # Same CPUs and task-pool size as the decode op: Ray fuses decode and write into
-        # one task, so decoded rows go straight to Parquet without an object-store hop.
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.read.num_cpus},
-                          concurrency=workers)
-    else:
-        # Writers get less than a decode worker's CPU: writing is cheap, and differing
-        # resources keep Ray from fusing decode+write into tasks of a whole file's rows.
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
-    elapsed = time.perf_counter() - start
+    # One listing block per decode batch, and batch_size=None below (= one whole block per
+    # call): with batch_size=B, Ray would bundle blocks of ~B rows into tasks of ~2B.
+    with _op_reservation(cfg.read.op_reservation):
+        ds = ray.data.from_items(listing.rows, override_num_blocks=-(-listing.count // batch))
+        if cfg.read.strategy == "actors":
+            ds = ds.map_batches(
+                Decoder, fn_constructor_args=(spec, in_fs), batch_size=None,
+                batch_format="numpy", num_cpus=cfg.read.num_cpus,
+                compute=ray.data.ActorPoolStrategy(size=workers))
+        else:
+            ds = ds.map_batches(
+                decode_batch, fn_kwargs={"spec": spec, "fs": in_fs},
+                batch_size=None, batch_format="numpy", num_cpus=cfg.read.num_cpus,
+                compute=ray.data.TaskPoolStrategy(size=workers))
+        start = time.perf_counter()
+        if fused:
+            # Same CPUs and task-pool size as the decode op: Ray fuses decode and write into
+            # one task, so decoded rows go straight to Parquet without an object-store hop.
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.read.num_cpus},
+                              concurrency=workers)
+        else:
+            # Writers get less than a decode worker's CPU: writing is cheap, and differing
+            # resources keep Ray from fusing decode+write into tasks of a whole file's rows.
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+        elapsed = time.perf_counter() - start
     return build_manifest(plan, spec, sink.result, elapsed)
+
+
+@contextmanager
+def _op_reservation(enabled: bool):
+    """Datasets copy the current DataContext when they are created: set it first, restore it
+    after the job so a training run in this process gets Ray's defaults."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = enabled
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = saved
 
 
 def _rows_per_file(cfg: PreprocessConfig, spec: DecodeSpec) -> int:

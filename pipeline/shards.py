@@ -73,6 +73,19 @@ def _gcs() -> fsspec.AbstractFileSystem:
     return gcsfs.GCSFileSystem(token=None)
 
 
+def storage_kwargs(uri: str) -> dict[str, Any]:
+    """URI -> Ray's `storage_path` (+ `storage_filesystem`, a pyarrow wrapper of the fsspec
+    filesystem, for remote URIs), as RunConfig and Checkpoint take them. Local folders are
+    created."""
+    if is_local(uri):
+        os.makedirs(resolve(uri)[1], exist_ok=True)
+        return {"storage_path": uri}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = resolve(uri)
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
+
+
 def join(uri: str, *parts: str) -> str:
     """Join URI parts with "/" (os.path.join is for local paths only)."""
     out = uri.rstrip("/")

@@ -277,24 +277,15 @@ def _report(model, opt, sched, step, metrics, cfg_dict, mh, ctx: _Ctx, *, save: 
         if save and ctx.rank == 0:
             state = checkpoints.make_state(model, opt, sched, step=step, config=cfg_dict,
                                            manifest_hash=mh)
-            checkpoints.save_state(state, tmp)
-            if ctx.local_dir:  # local mode: Ray Train would keep only this temp folder
-                checkpoint = _checkpoint_at(checkpoints.persist_state(
-                    tmp, ctx.local_dir, step, ctx.cfg.trainer.num_to_keep))
+            if ctx.local_dir:  # local mode: Ray Train would keep only a temp folder
+                where = shards.storage_kwargs(checkpoints.persist_state(
+                    state, ctx.local_dir, step, ctx.cfg.trainer.num_to_keep))
+                checkpoint = ray.train.Checkpoint(where["storage_path"],
+                                                  filesystem=where.get("storage_filesystem"))
             else:
+                checkpoints.save_state(state, tmp)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _checkpoint_at(uri: str):
-    import ray.train
-
-    if shards.is_local(uri):
-        return ray.train.Checkpoint(uri)
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = shards.resolve(uri)
-    return ray.train.Checkpoint(path, filesystem=PyFileSystem(FSSpecHandler(fs)))
 
 
 __all__ = ["build_model", "lr_factor", "make_optimizer", "train_fn_per_worker"]

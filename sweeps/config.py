@@ -260,9 +260,8 @@ def check_against_base(sweep: SweepConfig, base: dict[str, Any]) -> None:
                              stage="finetune" if sweep.kind == "pretrain-then-finetune"
                              else "first")
     t = stage_cfg.trainer
-    firsts = [trial_config(base, {}, sweep=sweep)] if sweep.kind == "pretrain-then-finetune" \
-        else []
-    if any(c.trainer.num_workers == 0 for c in [stage_cfg, *firsts]):
+    first = trial_config(base, {}, sweep=sweep)
+    if 0 in (first.trainer.num_workers, t.num_workers):
         # Ray 2.60 refuses ray.train.get_context()/report() inside a Tune trial's process,
         # which is where local mode would run the loop.
         raise ConfigError(f"sweep {sweep.name}: trainer.num_workers=0 (Ray Train's local "

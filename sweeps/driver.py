@@ -174,16 +174,6 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id  # short and stable; Tune's default embeds every param
 
 
-def _storage_kwargs(uri: str) -> dict[str, Any]:
-    if shards.is_local(uri):
-        Path(uri).mkdir(parents=True, exist_ok=True)
-        return {"storage_path": uri}
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = shards.resolve(uri)
-    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
-
-
 def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -191,7 +181,7 @@ def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
 
     from sweeps.space import to_tune
 
-    storage = _storage_kwargs(plan.sweep_dir)
+    storage = shards.storage_kwargs(plan.sweep_dir)
     tune_path = plan.tune_dir if shards.is_local(plan.tune_dir) else \
         shards.join(storage["storage_path"], "tune")
     fs = storage.get("storage_filesystem")
