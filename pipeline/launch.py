@@ -118,14 +118,20 @@ def _datasets(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _data_config(cfg: TrainConfig):
-    """Ray Train's ingest options; data.deterministic keeps block order fixed run to run."""
+    """Ray Train's ingest options; data.deterministic keeps block order fixed run to run.
+
+    Datasets are split across workers only when there are several: a lone worker iterates
+    the whole dataset and runs its Ray Data execution itself, so no SplitCoordinator actor
+    (one per dataset, a process start plus 2-5 s before the first batch on 2 cores) is
+    started. Single-worker runs are what sweeps and fine-tunes mostly are."""
     import ray.train
 
     # Ray 2.60 warns about its own default (exclude_resources); nothing for a user to do.
     warnings.filterwarnings("ignore", message=".*exclude_resources` is deprecated")
     opts = ray.train.DataConfig.default_ingest_options()
     opts.preserve_order = cfg.data.deterministic
-    return ray.train.DataConfig(execution_options=opts)
+    split = "all" if cfg.trainer.num_workers > 1 else []
+    return ray.train.DataConfig(datasets_to_split=split, execution_options=opts)
 
 
 def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,

@@ -147,3 +147,15 @@ def test_small_train_splits_are_chained_so_an_execution_spans_many_steps():
     assert train_passes(149, cfg) == -(-STEPS_PER_EXECUTION * 16 // 149)  # capped
     assert train_passes(1_281_167, cfg) == 1  # ImageNet-sized: plain epochs
     assert train_passes(0, cfg) >= 1
+
+
+@pytest.mark.parametrize("workers,split", [(0, []), (1, []), (2, "all")])
+def test_datasets_are_split_only_across_several_workers(workers, split):
+    """A lone worker reads the whole dataset itself (no SplitCoordinator actors to start)."""
+    from pipeline.launch import _data_config
+
+    cfg = TrainConfig.model_validate({"trainer": {"num_workers": workers},
+                                      "data": {"deterministic": True}})
+    dc = _data_config(cfg)
+    assert dc._datasets_to_split == split
+    assert dc._user_execution_options.preserve_order is True
