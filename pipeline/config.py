@@ -239,7 +239,7 @@ class ShardSettings(StrictModel):
 
 class ReadSettings(StrictModel):
     batch_size: int = Field(
-        256, ge=1, le=4096, description="Files decoded per map_batches call (upper bound)."
+        128, ge=1, le=4096, description="Files decoded per map_batches call (upper bound)."
     )
     block_mb: float = Field(
         64.0, gt=0, description="Upper bound on decoded MB per batch: big rows (video) get "

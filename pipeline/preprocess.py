@@ -43,6 +43,9 @@ MARKER = "_HIP_INCOMPLETE"
 ACCEPTED_COLUMNS = ["id", "label", "label_name", "source", "split"]
 REJECT_COLUMNS = ["source", "id", "reason", "detail"]
 FORMAT = "hip-shards/1"
+# Small inputs are cut into at least this many decode tasks per worker (benchmark: 500
+# audio clips in 4 tasks ran at 293 rows/s, in 8 at 415 rows/s; docs/benchmarks.md).
+TASKS_PER_WORKER = 2
 
 
 class PreflightError(ValueError):
@@ -173,6 +176,19 @@ def _start_run(output: str) -> None:
             fs.rm(f"{path}/{name}", recursive=True)
 
 
+def batch_rows(cfg: PreprocessConfig, row_bytes: int, count: int, workers: int,
+               rows_per_file: int | None) -> int:
+    """Files per decode task. Big batches amortise Ray's per-task cost; read.block_mb bounds
+    big rows; small inputs get smaller batches so that every worker gets TASKS_PER_WORKER of
+    them (with one task per worker, the slowest task leaves the other cores idle at the end
+    of the job); a fused decode+write task's batch is one file, so rows_per_file bounds it."""
+    by_mb = int(cfg.read.block_mb * 2**20 // max(row_bytes, 1))
+    limits = [cfg.read.batch_size, by_mb, -(-count // (TASKS_PER_WORKER * workers))]
+    if rows_per_file is not None:
+        limits.append(rows_per_file)
+    return max(1, min(limits))
+
+
 def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
     import ray.data
 
@@ -182,15 +198,10 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
     spec = DecodeSpec.from_config(cfg)
     workers = cfg.read.concurrency or max(1, int(cluster_cpus() // cfg.read.num_cpus))
     rows_per_file = _rows_per_file(cfg, spec)
-    # Big batches amortise Ray's per-task cost; block_mb bounds big rows; small inputs get
-    # smaller batches so every worker gets some.
-    by_mb = int(cfg.read.block_mb * 2**20 // _row_bytes(spec))
-    limits = [cfg.read.batch_size, by_mb, -(-listing.count // workers)]
     # Actor pools cannot be fused with the write; fused tasks' files hold one batch at most.
     fused = cfg.shards.write == "fused" and cfg.read.strategy == "tasks"
-    if fused:
-        limits.append(rows_per_file)
-    batch = max(1, min(limits))
+    batch = batch_rows(cfg, _row_bytes(spec), listing.count, workers,
+                       rows_per_file if fused else None)
     echo(f"preprocessing {listing.count} {cfg.modality} files: {cfg.input} -> {cfg.output} "
          f"({workers} decode {cfg.read.strategy}, batch {batch}, {rows_per_file} rows/file, "
          f"{cfg.shards.write} write)")

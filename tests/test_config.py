@@ -149,3 +149,17 @@ def test_cli_config_errors_are_one_line(capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert cli.main(["--help"]) == 0
     assert cli.main([]) == 2
+
+
+def test_decode_batch_rows_bounds():
+    """Files per decode task: batch_size, block_mb, >= 2 tasks per worker, one file."""
+    from pipeline.preprocess import TASKS_PER_WORKER, batch_rows
+
+    cfg = load()
+    image, audio, video = 224 * 224 * 3 + 200, 122_880 * 4 + 200, 8 * 224 * 224 * 3 + 200
+    assert batch_rows(cfg, image, 20_000, 4, None) == cfg.read.batch_size == 128
+    assert batch_rows(cfg, video, 20_000, 4, None) == 55  # 64 MB of 1.2 MB rows
+    # 500 clips on 4 workers: 8 tasks, not 4 (one straggler no longer idles 3 workers).
+    assert batch_rows(cfg, audio, 500, 4, None) == 63 == -(-500 // (TASKS_PER_WORKER * 4))
+    assert batch_rows(cfg, image, 20_000, 4, rows_per_file=40) == 40
+    assert batch_rows(cfg, image, 3, 4, None) == 1
