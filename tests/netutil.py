@@ -6,6 +6,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -14,12 +15,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_logged(cmd: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
+    """Start a server with stdout and stderr in `log_path`. Not a pipe: servers log every
+    request, and a pipe nobody reads fills up (64 KB) and freezes the server mid-test."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **kwargs)
+    proc.log_path = log_path  # for wait_http's error message
+    return proc
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     """Poll `url` until it answers; fail fast if `proc` dies, and after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = proc.stderr.read() if proc.stderr else ""
+            log = getattr(proc, "log_path", None)
+            out = Path(log).read_text(errors="replace")[-2000:] if log else ""
             raise RuntimeError(f"server exited with {proc.returncode}: {out}")
         try:
             with urllib.request.urlopen(url, timeout=2):

@@ -9,14 +9,12 @@ STORAGE_EMULATOR_HOST of their own.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
+from netutil import free_port, start_logged, wait_http
 
 from pipeline import cli, shards
 
@@ -25,36 +23,22 @@ BUCKET = "hip-test"
 TINY = ["image.size=32", "split.val_fraction=0.3"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def emulator():
+def emulator(tmp_path_factory):
     port = free_port()
-    proc = subprocess.Popen(
+    proc = start_logged(
         [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
          "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:  # bounded wait until the JSON API answers
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"GCS emulator did not start: {proc.stderr.read().decode()[-500:]}")
-            time.sleep(0.2)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
+        tmp_path_factory.mktemp("gcs") / "emulator.log")
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        wait_http(f"http://127.0.0.1:{port}/storage/v1/b/{BUCKET}", 30, proc)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture

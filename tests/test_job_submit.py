@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netutil import free_port, wait_http
+from netutil import free_port, start_logged, wait_http
 
 from pipeline import tracking
 
@@ -27,7 +27,7 @@ def ray_cluster(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
+    proc = start_logged(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(port), "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
          "--dashboard-port", str(dash), "--include-dashboard", "true",
@@ -37,8 +37,7 @@ def ray_cluster(tmp_path):
          "--dashboard-agent-grpc-port", str(free_port()),
          "--metrics-export-port", str(free_port()),
          "--object-store-memory", str(300 * 1024**2), "--temp-dir", str(temp)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        tmp_path / "ray-head.log", env=env, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", 120, proc)
         yield f"http://127.0.0.1:{dash}", env

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from netutil import free_port, wait_http
+from netutil import free_port, start_logged, wait_http
 
 from pipeline import cli, tracking
 
@@ -21,11 +21,11 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on loopback with its own SQLite store and artifact folder."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    proc = subprocess.Popen(
+    proc = start_logged(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        root / "server.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
         yield f"http://127.0.0.1:{port}"
