@@ -43,8 +43,8 @@ MARKER = "_HIP_INCOMPLETE"
 ACCEPTED_COLUMNS = ["id", "label", "label_name", "source", "split"]
 REJECT_COLUMNS = ["source", "id", "reason", "detail"]
 FORMAT = "hip-shards/1"
-# Small inputs are cut into at least this many decode tasks per worker (benchmark: 500
-# audio clips in 4 tasks ran at 293 rows/s, in 8 at 415 rows/s; docs/benchmarks.md).
+# Small inputs are cut into at least this many decode tasks per worker (A/B medians: 500
+# audio clips in 4 tasks ran at 180 rows/s, in 8 at 343 rows/s; docs/benchmarks.md).
 TASKS_PER_WORKER = 2
 
 
