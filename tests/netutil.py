@@ -6,6 +6,8 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -38,3 +40,20 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@contextmanager
+def serving(cmd: list[str], log_path: Path, health_url: str, *, start_timeout: float,
+            stop_timeout: float = 10) -> Iterator[subprocess.Popen]:
+    """A server (start_logged) that answers `health_url` for the body of the block, then
+    is terminated (killed after `stop_timeout` s)."""
+    proc = start_logged(cmd, log_path)
+    try:
+        wait_http(health_url, start_timeout, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()

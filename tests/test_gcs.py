@@ -9,12 +9,11 @@ STORAGE_EMULATOR_HOST of their own.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from netutil import free_port, start_logged, wait_http
+from netutil import free_port, serving
 
 from pipeline import cli, shards
 
@@ -26,19 +25,12 @@ TINY = ["image.size=32", "split.val_fraction=0.3"]
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     port = free_port()
-    proc = start_logged(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-         "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
-        tmp_path_factory.mktemp("gcs") / "emulator.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/storage/v1/b/{BUCKET}", 30, proc)
+    with serving(
+            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+             "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
+            tmp_path_factory.mktemp("gcs") / "emulator.log",
+            f"http://127.0.0.1:{port}/storage/v1/b/{BUCKET}", start_timeout=30):
         yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from netutil import free_port, start_logged, wait_http
+from netutil import free_port, serving
 
 from pipeline import cli, tracking
 
@@ -21,20 +20,13 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on loopback with its own SQLite store and artifact folder."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    proc = start_logged(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        root / "server.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    url = f"http://127.0.0.1:{port}"
+    with serving(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+             str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+            root / "server.log", f"{url}/health", start_timeout=120, stop_timeout=20):
+        yield url
 
 
 def run_cli(*args: str) -> None:

@@ -111,13 +111,16 @@ class _AudioAccumulator:
         return np.concatenate(self._chunks, axis=1).T.astype(np.float32, copy=False), self._rate
 
 
+TAPS_PER_PHASE = 10  # resample_poly's filter reaches 10 * max(up, down) taps each side
+
+
 @functools.lru_cache(maxsize=32)
 def _lowpass(up: int, down: int) -> np.ndarray:
-    """resample_poly's default anti-aliasing FIR (Kaiser window, beta 5, 10 taps per phase
-    each side), designed once per rate ratio instead of once per clip: firwin took ~0.5 ms
-    of the ~4 ms a 44.1 kHz clip costs to decode and write. Same float32 taps, same output."""
+    """resample_poly's default anti-aliasing FIR (Kaiser window, beta 5), designed once per
+    rate ratio instead of once per clip: firwin took ~0.5 ms of the ~4 ms a 44.1 kHz clip
+    costs to decode and write. Same float32 taps, same output."""
     max_rate = max(up, down)
-    h = firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
+    h = firwin(2 * TAPS_PER_PHASE * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
     h = h.astype(np.float32)
     h.flags.writeable = False  # shared; resample_poly copies it before scaling
     return h
@@ -146,7 +149,8 @@ def _fit_audio(
     if up == down:
         kept = mono[start : start + num_samples]
     else:
-        reach = math.ceil(10 * max(up, down) / up) + 1  # filter half-width, in input samples
+        # the filter's half-width, in input samples
+        reach = math.ceil(TAPS_PER_PHASE * max(up, down) / up) + 1
         block = max(0, start * down // up - reach) // down  # whole blocks keep the phase aligned
         stop = min(len(mono), -(-(start + num_samples) * down // up) + reach)
         # output starts at block * up
