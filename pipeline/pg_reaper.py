@@ -7,33 +7,42 @@ PlacementGroupCleaner asks the State API whether the controller lives: that need
 dashboard (off in our local Ray) and a single Ray instance on the machine; otherwise it
 never cleans, logs "Failed to query Ray Train Controller actor state" every second and its
 detached actor never exits. Measured here: each early stop leaked a worker's CPU until a
-sweep deadlocked. The reaper pings the controller instead, and `install_reaper` puts it in
+sweep deadlocked. The reaper pings the controllers instead, and `install_reaper` puts it in
 place of the built-in cleaner for TorchTrainers built in this process.
+
+One reaper actor per cluster (named REAPER_NAME in namespace REAPER_NAMESPACE, detached,
+no CPUs) watches every run's group: a sweep trial starts no process of its own for this
+(one per run cost ~1.8 s of CPU per trial on 2 cores). It exits after IDLE_EXIT_S with
+nothing to watch; the next run starts it again.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import threading
 import time
 
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
 PING_INTERVAL_S = 1.0
+PING_TIMEOUT_S = 10.0  # a controller busy for longer than this still counts as alive
+IDLE_EXIT_S = 600.0
+REAPER_NAME = "hip-pg-reaper"
+REAPER_NAMESPACE = "hip"
+
+log = logging.getLogger(__name__)
 
 
 class PlacementGroupReaper(WorkerGroupCallback):
-    """Start a detached watchdog per worker group that removes its placement group when the
-    controller dies (and exits by itself once the group is removed normally)."""
+    """Have the cluster's reaper remove this worker group's placement group if the
+    controller dies (a group removed normally is simply forgotten)."""
 
     def after_worker_group_start(self, worker_group) -> None:
         import ray
 
         pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-        controller = ray.get_runtime_context().current_actor
-        # DEFAULT scheduling: otherwise the watchdog is captured into the Tune trial's
-        # placement group and dies with the trial it is meant to outlive.
-        watchdog = ray.remote(num_cpus=0)(_Watchdog).options(
-            lifetime="detached", scheduling_strategy="DEFAULT").remote(controller, pg)
-        watchdog.watch.remote()
+        watch(ray.get_runtime_context().current_actor, pg)
         return super().after_worker_group_start(worker_group)
 
 
@@ -49,28 +58,113 @@ def install_reaper() -> bool:
     return True
 
 
-class _Watchdog:
-    def __init__(self, controller, pg):
-        self.controller = controller
-        self.pg = pg
+def watch(controller, pg, *, attempts: int = 10) -> None:
+    """Register (controller actor handle, placement group) with the cluster's reaper,
+    starting the reaper if there is none."""
+    import ray
+    from ray.exceptions import ActorDiedError
 
-    def watch(self) -> None:
+    for attempt in range(attempts):
+        # DEFAULT scheduling: otherwise the reaper is captured into the Tune trial's
+        # placement group and dies with the trial whose group it is meant to remove.
+        reaper = _reaper_class().options(
+            name=REAPER_NAME, namespace=REAPER_NAMESPACE, get_if_exists=True,
+            lifetime="detached", num_cpus=0, max_concurrency=4,
+            scheduling_strategy="DEFAULT").remote()
+        try:
+            if ray.get(reaper.watch.remote(controller, pg)):
+                reaper.run.remote()  # returns at once when the loop is already running
+                return
+        except ActorDiedError:
+            pass
+        time.sleep(0.2 * (attempt + 1))  # a reaper exiting idle: wait for its name to free
+    raise RuntimeError(f"could not register placement group {pg.id.hex()} with the "
+                       f"{REAPER_NAME} actor")
+
+
+@functools.cache
+def _reaper_class():
+    import ray
+
+    return ray.remote(_Reaper)
+
+
+class _Reaper:
+    """The watching actor: one loop (`run`) over every registered group; `watch` and
+    `watching` run beside it on the actor's other threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._watched: dict[str, tuple] = {}  # placement group id -> (controller, pg)
+        self._running = False
+        self._closing = False
+
+    def watch(self, controller, pg) -> bool:
+        """False if this reaper is exiting (the caller then starts a new one)."""
+        with self._lock:
+            if self._closing:
+                return False
+            self._watched[pg.id.hex()] = (controller, pg)
+            return True
+
+    def watching(self) -> list[str]:
+        with self._lock:
+            return sorted(self._watched)
+
+    def run(self) -> None:
         import ray
-        from ray.exceptions import ActorDiedError, GetTimeoutError
-        from ray.util.placement_group import placement_group_table, remove_placement_group
 
+        with self._lock:
+            if self._running:
+                return
+            self._running = True
+        idle = 0.0
         while True:
-            if placement_group_table(self.pg).get("state", "REMOVED") == "REMOVED":
-                break
-            try:
-                ray.get(self.controller.__ray_ready__.remote(), timeout=10)
-            except ActorDiedError:
-                remove_placement_group(self.pg)
-                break
-            except GetTimeoutError:
-                pass  # a busy controller is alive
             time.sleep(PING_INTERVAL_S)
+            with self._lock:
+                if not self._watched:
+                    idle += PING_INTERVAL_S
+                    if idle >= IDLE_EXIT_S:
+                        self._closing = True
+                        break
+                    continue
+                items = dict(self._watched)
+            idle = 0.0
+            try:
+                gone = _reap(items)
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("placement-group reaper round failed")
+                continue
+            with self._lock:
+                for key in gone:
+                    self._watched.pop(key, None)
         ray.actor.exit_actor()
 
 
-__all__ = ["PlacementGroupReaper", "install_reaper"]
+def _reap(items: dict[str, tuple]) -> list[str]:
+    """Ping every watched controller at once; remove the groups of dead ones. -> keys no
+    longer to watch (group removed, by us or by its run)."""
+    import ray
+    from ray.exceptions import ActorDiedError
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    done = [k for k, (_, pg) in items.items()
+            if placement_group_table(pg).get("state", "REMOVED") == "REMOVED"]
+    live = {k: v for k, v in items.items() if k not in done}
+    if not live:
+        return done
+    pings = {c.__ray_ready__.remote(): k for k, (c, _) in live.items()}
+    ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=PING_TIMEOUT_S)
+    for ref in ready:  # not ready within the timeout: a busy controller is alive
+        try:
+            ray.get(ref)
+        except ActorDiedError:
+            key = pings[ref]
+            remove_placement_group(live[key][1])
+            done.append(key)
+        except Exception:  # e.g. ActorUnavailableError (restarting): ask again next round
+            pass
+    return done
+
+
+__all__ = ["PlacementGroupReaper", "install_reaper", "watch"]
