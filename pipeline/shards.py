@@ -20,9 +20,9 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-from pyarrow.fs import LocalFileSystem as ArrowLocalFileSystem
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
@@ -34,7 +34,7 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 REJECTS = "rejects"
 _GCS_SCHEMES = ("gs://", "gcs://")
-_ARROW_LOCAL = ArrowLocalFileSystem()
+_ARROW_LOCAL = pafs.LocalFileSystem()
 
 
 def is_local(uri: str) -> bool:
@@ -82,10 +82,17 @@ def storage_kwargs(uri: str) -> dict[str, Any]:
     if is_local(uri):
         os.makedirs(resolve(uri)[1], exist_ok=True)
         return {"storage_path": uri}
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
     fs, path = resolve(uri)
-    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
+    return {"storage_path": path, "storage_filesystem": arrow_filesystem(fs)}
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """The pyarrow view of an fsspec filesystem: pyarrow's own for local files (no Python
+    in the I/O path: through fsspec's Python file object every Parquet page crosses into
+    Python, ~0.25 ms more per 0.5 MB audio row; docs/benchmarks.md), else a wrapper."""
+    if isinstance(fs, LocalFileSystem):
+        return _ARROW_LOCAL
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -327,7 +334,6 @@ class _RollingWriter:
         self.sink, self.split, self.name = sink, split, name
         self.done: list[dict[str, Any]] = []
         self.writer: pq.ParquetWriter | None = None
-        self.handle: Any = None
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
@@ -354,23 +360,14 @@ class _RollingWriter:
         # rather than duplicates; only files reported by finished tasks reach the manifest.
         if isinstance(fs, LocalFileSystem):
             fs.makedirs(os.path.dirname(path), exist_ok=True)
-            # pyarrow's own file writer: through fsspec's Python file object every page
-            # crosses into Python (~0.25 ms more per 0.5 MB audio row; docs/benchmarks.md).
-            self.handle = None
-            self.writer = pq.ParquetWriter(path, schema, compression=self.sink.compression,
-                                           filesystem=_ARROW_LOCAL)
-        else:
-            self.handle = fs.open(path, "wb")
-            self.writer = pq.ParquetWriter(self.handle, schema,
-                                           compression=self.sink.compression)
+        self.writer = pq.ParquetWriter(path, schema, compression=self.sink.compression,
+                                       filesystem=arrow_filesystem(fs))
         self.current = (rel, path)
         self.rows = 0
 
     def _close_file(self) -> None:
         self.writer.close()
-        if self.handle is not None:
-            self.handle.close()
         rel, path = self.current
         size = self.sink.fs.size(path)
         self.done.append({"path": rel, "rows": self.rows, "bytes": int(size)})
-        self.writer, self.handle, self.rows = None, None, 0
+        self.writer, self.rows = None, 0
