@@ -247,6 +247,24 @@ def test_truncated_normal_init_has_the_haiku_statistics():
     assert w.abs().max().item() <= 2 * (1e-3) ** 0.5 / 0.87962566103423978 + 1e-6
 
 
+def test_a_meta_device_build_skips_initialisation_and_never_imports_dynamo():
+    # preflight builds every job's model on meta; torch's _refs for erfinv_/clamp_ on meta
+    # import torch._dynamo, ~1.2 s of CPU per job (and per sweep trial). Fresh interpreter:
+    # this session may have imported it already.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from models import create_model\n"
+            "with torch.device('meta'):\n"
+            "    m = create_model('hip16', inputs={'image': (224 * 224, 3)}, task='mae')\n"
+            "assert next(m.parameters()).is_meta\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_fourier_features_match_the_perceiver_layout():
     ff = fourier_features((224, 224), num_bands=64)
     assert ff.shape == (224 * 224, 258)
