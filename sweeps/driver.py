@@ -99,12 +99,8 @@ def plan_sweep(sweep_file: str | Path, overrides: list[str] = ()) -> SweepPlan:
     return SweepPlan(sweep, str(Path(sweep_file).resolve()), base, sweep_dir, invalid)
 
 
-def max_concurrent_trials(plan: SweepPlan, cluster: dict[str, float]) -> int:
-    """Trials that fit at once: (CPUs - reserve) // per-trial CPUs, and GPUs // per-trial GPUs.
-    A trial needs its driver's CPU fraction plus its Train workers' resources."""
-    r = plan.sweep.resources
-    if r.max_concurrent:
-        return r.max_concurrent
+def _trial_need(plan: SweepPlan) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds: its driver's CPU fraction plus its Train workers'."""
     stage_cfgs = [trial_config(plan.base, {}, sweep=plan.sweep)]
     if len(stages(plan.sweep)) == 2:
         stage_cfgs.append(plan.scored_config())
@@ -114,12 +110,35 @@ def max_concurrent_trials(plan: SweepPlan, cluster: dict[str, float]) -> int:
         workers = max(1, t.num_workers)  # 0 workers: the loop runs in the trial, one CPU
         cpu = t.resources_per_worker.get("CPU", 1.0)
         gpu = t.resources_per_worker.get("GPU", 1.0 if t.use_gpu else 0.0)
-        need_cpu = max(need_cpu, r.driver_cpu + workers * cpu)
+        need_cpu = max(need_cpu, plan.sweep.resources.driver_cpu + workers * cpu)
         need_gpu = max(need_gpu, workers * gpu)
+    return need_cpu, need_gpu
+
+
+def max_concurrent_trials(plan: SweepPlan, cluster: dict[str, float]) -> int:
+    """Trials that fit at once: (CPUs - reserve) // per-trial CPUs, and GPUs // per-trial GPUs."""
+    r = plan.sweep.resources
+    if r.max_concurrent:
+        return r.max_concurrent
+    need_cpu, need_gpu = _trial_need(plan)
     n = math.floor((cluster.get("CPU", 0.0) - r.reserve_cpu) / need_cpu + 1e-9)
     if need_gpu:
         n = min(n, math.floor(cluster.get("GPU", 0.0) / need_gpu + 1e-9))
     return max(1, n)
+
+
+def ingest_warning(plan: SweepPlan, cluster: dict[str, float], n: int) -> str | None:
+    """A warning when `n` trials at once leave less than one CPU for Ray Data's read tasks
+    (each asks for one): the trials then wait for their first batch forever (measured: three
+    1.25-CPU trials on 4 CPUs hung with every trial RUNNING). Only a warning: an autoscaling
+    cluster may add the CPUs later."""
+    left = cluster.get("CPU", 0.0) - n * _trial_need(plan)[0]
+    if left >= 1.0 - 1e-9:
+        return None
+    return (f"[hip] warning: {n} trials at once hold {cluster.get('CPU', 0.0) - left:g} of the "
+            f"cluster's {cluster.get('CPU', 0.0):g} CPUs, leaving {max(left, 0.0):g} for Ray "
+            "Data's read tasks (1 CPU each): trials will wait for data until the cluster grows; "
+            "lower resources.max_concurrent or leave it unset")
 
 
 def _read_state(plan: SweepPlan) -> dict[str, Any] | None:
@@ -241,6 +260,8 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
 
     init_ray()
     max_concurrent = max_concurrent_trials(plan, ray.cluster_resources())
+    if (warning := ingest_warning(plan, ray.cluster_resources(), max_concurrent)) is not None:
+        log(warning)
     if state:
         parent = state["parent_run_id"]
         tracking.client(plan.uri).update_run(parent, status="RUNNING")
@@ -278,4 +299,4 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
 
 
 __all__ = ["plan_sweep", "run_sweep", "SweepPlan", "SweepResult", "SweepError",
-           "max_concurrent_trials", "STATE_FILE", "TrialOutcome", "pick_best"]
+           "max_concurrent_trials", "ingest_warning", "STATE_FILE", "TrialOutcome", "pick_best"]

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.config import ConfigError
 from sweeps.config import Dim, load_sweep
-from sweeps.driver import SweepPlan, max_concurrent_trials, plan_sweep
+from sweeps.driver import SweepPlan, ingest_warning, max_concurrent_trials, plan_sweep
 from sweeps.outcomes import TrialOutcome, pick_best
 from sweeps.space import grid_size, points
 
@@ -151,6 +151,15 @@ def _plan(tmp_path, *overrides: str) -> SweepPlan:
 ])
 def test_max_concurrent_trials_follows_the_cluster(tmp_path, cluster, overrides, expected):
     assert max_concurrent_trials(_plan(tmp_path, *overrides), cluster) == expected
+
+
+def test_a_concurrency_that_starves_ray_data_ingest_is_warned_about(tmp_path):
+    plan = _plan(tmp_path, "resources.max_concurrent=3")
+    warning = ingest_warning(plan, {"CPU": 4.0}, max_concurrent_trials(plan, {"CPU": 4.0}))
+    assert warning is not None and "3.75 of the cluster's 4 CPUs" in warning
+    assert "leaving 0.25" in warning
+    assert ingest_warning(plan, {"CPU": 4.0}, 2) is None  # the derived default leaves 1.5
+    assert ingest_warning(plan, {"CPU": 8.0}, 3) is None
 
 
 def test_the_best_trial_ignores_trials_without_a_metric():
