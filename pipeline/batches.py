@@ -1,7 +1,8 @@
 """From shard rows to model inputs: input specs from the manifest, batch normalisation.
 
 Shape letters: B batch, H/W image size, F frames, T audio samples, M positions, C channels.
-Shard columns (DESIGN.md): image uint8 (B, H, W, 3); audio float32 (B, T); video uint8
+Shard columns (DESIGN.md): image uint8 (B, H, W, 3); audio float32 or int16 (B, T) (see
+preprocess's audio.dtype; int16 holds round(x * 32767)); video uint8
 (B, F, H, W, 3). Model input: dict modality -> (B, M, C) float32, positions in raster order.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+AUDIO_INT16_SCALE = 32767.0  # audio.dtype=int16 shards hold round(x * 32767)
 # ImageNet statistics: a standard choice for RGB pixels (audio is already in [-1, 1]).
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
@@ -49,8 +51,9 @@ def to_model_input(batch: Mapping[str, torch.Tensor], spec: Mapping[str, tuple[i
     for name, (m, c) in spec.items():
         x = batch[name]
         b = x.shape[0]
-        if name == "audio":
-            out[name] = x.float().reshape(b, m, 1)  # (B, T) -> (B, T, 1)
+        if name == "audio":  # (B, T) -> (B, T, 1); int16 shards hold round(x * 32767)
+            x = x.float() / AUDIO_INT16_SCALE if x.dtype == torch.int16 else x.float()
+            out[name] = x.reshape(b, m, 1)
         else:
             x = x.reshape(b, m, c).float() / 255.0  # (B, [F,] H, W, 3) -> (B, M, 3)
             mean = torch.tensor(RGB_MEAN, device=x.device)

@@ -178,6 +178,12 @@ class AudioSettings(StrictModel):
     min_seconds: float = Field(
         0.0, ge=0, description="Shorter clips are rejected as too_short (0: any non-empty clip)."
     )
+    dtype: Literal["int16", "float32"] = Field(
+        "int16", description="Storage of the audio column: int16 = round(x * 32767), clipped "
+        "(half the bytes of float32 to write, store and read; quantisation noise at -96 dBFS, "
+        "the resolution of the 16-bit PCM most sources have), or float32 in [-1, 1]. "
+        "Training reads either as float in [-1, 1]."
+    )
 
     @property
     def num_samples(self) -> int:

@@ -36,6 +36,7 @@ class DecodeSpec:
     image: dict[str, int]
     audio: dict[str, int]
     video: dict[str, int]
+    audio_dtype: str = "int16"  # or "float32"; int16 holds round(x * 32767) (to_int16)
 
     @classmethod
     def from_config(cls, cfg: PreprocessConfig) -> DecodeSpec:
@@ -47,6 +48,7 @@ class DecodeSpec:
                    "min_samples": a.min_samples},
             video={"num_frames": cfg.video.frames, "size": cfg.video.size,
                    "max_pixels": cfg.video.max_pixels},
+            audio_dtype=a.dtype,
         )
 
     @property
@@ -54,7 +56,7 @@ class DecodeSpec:
         """Tensor column -> (per-row shape, dtype)."""
         s, f = self.video["size"], self.video["num_frames"]
         video = {"video": ((f, s, s, 3), "uint8")}
-        audio = {"audio": ((self.audio["num_samples"],), "float32")}
+        audio = {"audio": ((self.audio["num_samples"],), self.audio_dtype)}
         return {
             "image": {"image": ((self.image["size"],) * 2 + (3,), "uint8")},
             "audio": audio,
@@ -67,7 +69,7 @@ class DecodeSpec:
         if self.modality == "image":
             return {"image": media.decode_image(data, **self.image)}
         if self.modality == "audio":
-            return {"audio": media.decode_audio(data, **self.audio)}
+            return {"audio": self._stored(media.decode_audio(data, **self.audio))}
         with_audio = self.modality == "audio+video"
         kwargs = {"sample_rate": self.audio["sample_rate"],
                   "num_samples": self.audio["num_samples"]} if with_audio else {}
@@ -78,7 +80,25 @@ class DecodeSpec:
             return {"video": frames}
         if audio is None:  # no audio track: silence, flagged
             audio = np.zeros(self.audio["num_samples"], np.float32)
-        return {"video": frames, "audio": audio, "has_audio": bool(has_audio)}
+        return {"video": frames, "audio": self._stored(audio), "has_audio": bool(has_audio)}
+
+    def _stored(self, audio: np.ndarray) -> np.ndarray:
+        """(T,) float32 in [-1, 1] -> the audio column's dtype."""
+        if self.audio_dtype == "int16":
+            return to_int16(audio)
+        return audio
+
+
+# Full scale both ways: equals pipeline.batches.AUDIO_INT16_SCALE, which training divides by
+# (not imported: batches imports torch, which decode workers need not load).
+INT16_SCALE = 32767.0
+
+
+def to_int16(audio: np.ndarray) -> np.ndarray:
+    """(T,) float in [-1, 1] -> (T,) int16, round(x * 32767), out-of-range values clipped."""
+    out = np.multiply(audio, INT16_SCALE, dtype=np.float32)
+    np.clip(out, -INT16_SCALE, INT16_SCALE, out=out)
+    return np.rint(out, out=out).astype(np.int16)
 
 
 def _read_each(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[bytes | Exception]:

@@ -10,7 +10,7 @@ One streaming pass; nothing decoded is ever materialised:
 
 Shape letters: S image/frame side, T audio samples, F frames.
 Row: id str, label int64 (-1: none), label_name str, source str, split str ("train"/"val"),
-     then per modality: image -> image uint8 (S, S, 3); audio -> audio float32 (T,);
+     then per modality: image -> image uint8 (S, S, 3); audio -> audio int16 (T,) (or float32);
      video -> video uint8 (F, S, S, 3); audio+video -> video, audio, has_audio bool.
 Reject row: source, id, reason, detail.
 

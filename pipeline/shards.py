@@ -197,7 +197,7 @@ def shard_uris(uri: str, split: str, manifest: dict[str, Any] | None = None) -> 
 
 def open_shards(uri: str, split: str = "train") -> ray.data.Dataset:
     """The rows of one split as a Ray Dataset (tensor columns come back as fixed-shape
-    tensors: image (H, W, 3) uint8, audio (T,) float32, video (F, H, W, 3) uint8)."""
+    tensors: image (H, W, 3) uint8, audio (T,) int16 or float32, video (F, H, W, 3) uint8)."""
     import ray.data
 
     manifest = read_manifest(uri)

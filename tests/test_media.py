@@ -229,6 +229,17 @@ def test_truncated_images_are_corrupt(fmt):
 # ---------------------------------------------------------------------------------- audio
 
 
+def test_int16_audio_storage_rounds_clips_and_matches_trainings_scale():
+    from pipeline.batches import AUDIO_INT16_SCALE
+    from pipeline.decode import INT16_SCALE, to_int16
+
+    x = np.array([0.0, 1.0, -1.0, 1.5, -2.0, 0.5 / 32767, 1.5 / 32767, -0.25], np.float32)
+    q = to_int16(x)
+    assert q.dtype == np.int16
+    assert q.tolist() == [0, 32767, -32767, 32767, -32767, 0, 2, -8192]
+    assert INT16_SCALE == AUDIO_INT16_SCALE  # what preprocessing writes, training divides by
+
+
 def test_wav_int16_same_rate_is_exact_and_padded():
     x = tone(500, 16_000, 0.5)
     out = media.decode_audio(wav_bytes(x, 16_000), sample_rate=16_000, num_samples=10_000)

@@ -112,9 +112,9 @@ def read_split(out: Path, split: str) -> dict[str, np.ndarray]:
 
 SHAPES = {
     "image": {"image": ((32, 32, 3), np.uint8)},
-    "audio": {"audio": ((4000,), np.float32)},
+    "audio": {"audio": ((4000,), np.int16)},  # audio.dtype's default
     "video": {"video": ((4, 32, 32, 3), np.uint8)},
-    "audio+video": {"video": ((4, 32, 32, 3), np.uint8), "audio": ((4000,), np.float32),
+    "audio+video": {"video": ((4, 32, 32, 3), np.uint8), "audio": ((4000,), np.int16),
                     "has_audio": ((), np.bool_)},
 }
 
@@ -218,6 +218,34 @@ def test_labels_csv_and_unlabeled(inputs, ray_session, tmp_path, capsys):
         labels.update(zip(sources, (int(x) for x in rows["label"]), strict=True))
     assert labels[str(folder / wavs[0])] == 0 and labels[str(folder / wavs[1])] == 1
     assert labels[str(folder / wavs[10])] == -1
+
+
+def test_int16_audio_shards_hold_the_float32_decode_to_half_a_step(inputs, ray_session,
+                                                                 tmp_path, capsys):
+    import torch
+
+    from pipeline.batches import input_spec, to_model_input
+    from pipeline.config import PreprocessConfig, load_config
+    from pipeline.decode import DecodeSpec
+
+    folder, _ = inputs["audio"]
+    out = tmp_path / "out"
+    assert preprocess(capsys, "--modality", "audio", "--input", str(folder), "--output",
+                      str(out))[0] == 0
+    m = shards.read_manifest(str(out))
+    assert m["columns"]["audio"]["dtype"] == "int16" and m["config"]["audio"]["dtype"] == "int16"
+    rows = read_split(out, "train")
+    assert rows["audio"].dtype == np.int16 and rows["audio"].shape[1:] == (4000,)
+    assert np.abs(rows["audio"]).max() > 1000  # real signal, not silence
+    # Training's view of the int16 rows equals the float32 decode of the same files.
+    cfg = load_config(PreprocessConfig, None, [*TINY, "audio.dtype=float32"],
+                      {"modality": "audio"})
+    spec = DecodeSpec.from_config(cfg)
+    assert spec.tensors == {"audio": ((4000,), "float32")}
+    want = np.stack([spec.decode(Path(s).read_bytes())["audio"] for s in rows["source"][:8]])
+    got = to_model_input({"audio": torch.from_numpy(rows["audio"][:8])}, input_spec(m))["audio"]
+    assert got.shape == (8, 4000, 1)
+    assert np.abs(got[..., 0].numpy() - np.clip(want, -1, 1)).max() <= 0.5 / 32767 + 1e-7
 
 
 # ---------------------------------------------------------------------- reruns and crashes

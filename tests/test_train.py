@@ -112,6 +112,9 @@ def test_every_modality_feeds_the_model(modality, sample_dir, ray_session, tmp_p
     x = to_model_input(batch, spec)
     assert {k: tuple(v.shape) for k, v in x.items()} == {k: (4, m, c) for k, (m, c) in
                                                          spec.items()}
+    if "audio" in x:  # int16 shards (audio.dtype's default) reach the model in [-1, 1]
+        assert batch["audio"].dtype == torch.int16 and x["audio"].dtype == torch.float32
+        assert 0 < x["audio"].abs().max() <= 1
     for task in ("mae", "classify"):
         cfg = TrainConfig.model_validate({"task": task, "model": {"preset": "hip_tiny"}})
         model = build_model(cfg, manifest)
