@@ -31,7 +31,7 @@ def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     inside and took ~25 s to initialise HiP-256 on a 2-core CPU; this takes well under 1 s.
     """
     if tensor.is_meta:  # shapes only (a preflight build): on meta, erfinv_ and clamp_ go
-        return tensor  # through torch._refs, which imports torch._dynamo (~1.6 s of CPU)
+        return tensor  # through torch._refs, which imports torch._dynamo (~1.2 s of CPU)
     lo = 0.5 * (1.0 + math.erf(-2.0 / math.sqrt(2.0)))  # Phi(-2)
     with torch.no_grad():
         tensor.uniform_(2 * lo - 1, 1 - 2 * lo)  # erf-space image of [Phi(-2), Phi(2)]

@@ -135,10 +135,12 @@ def ingest_warning(plan: SweepPlan, cluster: dict[str, float], n: int) -> str | 
     left = cluster.get("CPU", 0.0) - n * _trial_need(plan)[0]
     if left >= 1.0 - 1e-9:
         return None
+    fix = ("lower resources.max_concurrent or leave it unset" if plan.sweep.resources.max_concurrent
+           else "give the cluster more CPUs or the trials fewer (trainer.resources_per_worker)")
     return (f"[hip] warning: {n} trials at once hold {cluster.get('CPU', 0.0) - left:g} of the "
             f"cluster's {cluster.get('CPU', 0.0):g} CPUs, leaving {max(left, 0.0):g} for Ray "
-            "Data's read tasks (1 CPU each): trials will wait for data until the cluster grows; "
-            "lower resources.max_concurrent or leave it unset")
+            f"Data's read tasks (1 CPU each): trials will wait for data until the cluster grows; "
+            f"{fix}")
 
 
 def _read_state(plan: SweepPlan) -> dict[str, Any] | None:

@@ -160,6 +160,11 @@ def test_a_concurrency_that_starves_ray_data_ingest_is_warned_about(tmp_path):
     assert "leaving 0.25" in warning
     assert ingest_warning(plan, {"CPU": 4.0}, 2) is None  # the derived default leaves 1.5
     assert ingest_warning(plan, {"CPU": 8.0}, 3) is None
+    assert "leave it unset" in warning
+    # A 2-CPU cluster with the derived default (1 trial) leaves 0.75: warned, with other advice.
+    small = _plan(tmp_path)
+    warning = ingest_warning(small, {"CPU": 2.0}, max_concurrent_trials(small, {"CPU": 2.0}))
+    assert warning is not None and "leaving 0.75" in warning and "more CPUs" in warning
 
 
 def test_the_best_trial_ignores_trials_without_a_metric():
