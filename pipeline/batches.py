@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-AUDIO_INT16_SCALE = 32767.0  # audio.dtype=int16 shards hold round(x * 32767)
+from pipeline.config import AUDIO_INT16_SCALE
+
 # ImageNet statistics: a standard choice for RGB pixels (audio is already in [-1, 1]).
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)

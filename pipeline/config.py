@@ -172,6 +172,10 @@ class ImageSettings(StrictModel):
     )
 
 
+# audio.dtype=int16 shards hold round(x * 32767): preprocessing multiplies, training divides.
+AUDIO_INT16_SCALE = 32767.0
+
+
 class AudioSettings(StrictModel):
     sample_rate: int = Field(48_000, ge=1_000, le=384_000, description="Output rate in Hz.")
     seconds: float = Field(2.56, gt=0, le=600, description="Clips are cropped/padded to this.")

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import media, shards
-from pipeline.config import PreprocessConfig
+from pipeline.config import AUDIO_INT16_SCALE, PreprocessConfig
 
 
 class _Reject(Exception):
@@ -89,9 +89,7 @@ class DecodeSpec:
         return audio
 
 
-# Full scale both ways: equals pipeline.batches.AUDIO_INT16_SCALE, which training divides by
-# (not imported: batches imports torch, which decode workers need not load).
-INT16_SCALE = 32767.0
+INT16_SCALE = AUDIO_INT16_SCALE  # full scale; pipeline.batches divides by the same number
 
 
 def to_int16(audio: np.ndarray) -> np.ndarray:

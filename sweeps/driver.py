@@ -261,8 +261,9 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
     from pipeline.runtime import init_ray
 
     init_ray()
-    max_concurrent = max_concurrent_trials(plan, ray.cluster_resources())
-    if (warning := ingest_warning(plan, ray.cluster_resources(), max_concurrent)) is not None:
+    cluster = ray.cluster_resources()
+    max_concurrent = max_concurrent_trials(plan, cluster)
+    if (warning := ingest_warning(plan, cluster, max_concurrent)) is not None:
         log(warning)
     if state:
         parent = state["parent_run_id"]
