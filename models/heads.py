@@ -13,6 +13,7 @@ from models.attention import CrossAttentionBlock, linear
 from models.position import LearnedPositions
 
 HEAD_KINDS = ("learned_query", "mean_pool")
+QUERY_INIT_STD = 0.02  # the official Perceiver IO decoder query init
 
 
 class MeanPoolHead(nn.Module):
@@ -33,21 +34,22 @@ class MeanPoolHead(nn.Module):
 
 
 class LearnedQueryHead(nn.Module):
-    """Perceiver IO classification decoder: one learned query (1, D) cross-attends to the
-    latents (1 head, widening 1, query residual), then LN -> Linear -> (B, classes)."""
+    """Perceiver IO classification decoder: one learned query (1, D), truncated-normal std
+    0.02 as in the official code, cross-attends to the latents (1 head, widening 1, query
+    residual), then Linear -> (B, classes). No LayerNorm before the logits: the official
+    decoder has none (its cross-attention already normalises the latents it reads)."""
 
     def __init__(self, dim: int, num_classes: int, *, activation: str = "sq_relu") -> None:
         super().__init__()
-        self.query = LearnedPositions(1, dim)
+        self.query = LearnedPositions(1, dim, init_std=QUERY_INIT_STD)
         self.cross = CrossAttentionBlock(q_dim=dim, kv_dim=dim, num_heads=1, widening=1,
                                          query_residual=True, activation=activation)
-        self.norm = nn.LayerNorm(dim)
         self.fc = linear(dim, num_classes)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         kv = latents.flatten(1, -2)  # (B, ..., K, D) -> (B, L, D)
         q = self.query()[None].expand(kv.shape[0], -1, -1)  # (B, 1, D)
-        return self.fc(self.norm(self.cross(q, kv)[:, 0]))
+        return self.fc(self.cross(q, kv)[:, 0])  # (B, 1, D) -> (B, D) -> (B, classes)
 
 
 def make_classifier_head(kind: str, dim: int, num_classes: int, *,

@@ -8,13 +8,18 @@ taken there), 0 = visible. Hidden tokens are removed from the encoder input (gat
 not zeroed): that is where MAE saves compute. Visible tokens keep raster order, so HiP's
 grouping still splits them into contiguous chunks.
 
-Masking kinds:
-- "random": each example hides round(ratio * M) positions anywhere.
-- "groupwise" (the paper's 85% HiP-16 setting): each example draws one set of relative
-  positions inside a group and hides it in every group, so every group keeps the same
-  number of visible tokens and visible chunks line up with the groups exactly. Keeps
-  n - round(ratio * n) of each group's n = ceil(M / G) positions (zero padding as in the
-  grouper when M does not divide).
+Masking kinds (docs/masking.md says which to choose when). The grouped encoder needs every
+group of the first level to hold the same number of visible tokens, so the two grouped kinds
+keep n - round(ratio * n) of each group's n = ceil(M / G) positions (zero padding as in the
+grouper when M does not divide) and visible chunks line up with the groups exactly:
+- "per_group" (default): every group draws its own visible positions, independently per
+  example and per group. Works at every size, including when a group is one image row.
+- "groupwise": each example draws ONE set of relative positions and hides it in every
+  group. Cheaper to describe, but when a group is one image row (16x16 px, 16 groups) it
+  hides the same columns in every row: the encoder never sees most columns. Kept for
+  comparisons at the paper's scales (a 224 px HiP-16 group is 14 rows).
+- "random": each example hides round(ratio * M) positions anywhere; group sizes then differ
+  per example, so the grouped encoder sees unequal, re-chunked groups (a baseline).
 
 Loss: MSE over hidden positions and channels, per modality, averaged over modalities.
 Target normalisation (not published for HiP, so a config field): "none"; "token" normalises
@@ -30,7 +35,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-MASK_KINDS = ("random", "groupwise")
+MASK_KINDS = ("per_group", "groupwise", "random")
 TARGET_NORMS = ("none", "token", "group")
 
 
@@ -51,10 +56,19 @@ def random_mask(batch: int, length: int, ratio: float, *, device=None,
     return ids_keep, mask
 
 
-def groupwise_mask(batch: int, length: int, groups: int, ratio: float, *, device=None,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hide the same relative positions in each of `groups` contiguous groups.
+def _grouped_ids(rel: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
+    """rel (B, G or 1, keep) positions inside each group -> ids (B, G*keep) sorted ascending."""
+    offsets = torch.arange(groups, device=rel.device)[:, None] * per_group  # (G, 1)
+    return (offsets[None] + rel).reshape(rel.shape[0], -1)  # (B, G, keep) -> (B, G*keep)
 
+
+def grouped_mask(batch: int, length: int, groups: int, ratio: float, *, shared: bool = False,
+                 device=None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide the same NUMBER of positions in each of `groups` contiguous groups.
+
+    shared=False ("per_group"): every group of every example draws its own positions.
+    shared=True ("groupwise"): one draw of relative positions per example, used in every group.
     -> ids_keep (B, V) sorted ascending, mask (B, M) with 1 = hidden. When M does not divide
     into the groups, positions are laid out as the grouper pads them (ceil(M / groups) per
     group, zero padding at the end): ids may then point into that padding (index >= M;
@@ -64,13 +78,27 @@ def groupwise_mask(batch: int, length: int, groups: int, ratio: float, *, device
     _check_ratio(ratio)
     per_group = math.ceil(length / groups)
     keep = max(1, per_group - round(ratio * per_group))
-    noise = torch.rand(batch, per_group, generator=generator, device=device)
-    rel = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, keep)
-    offsets = torch.arange(groups, device=device)[:, None] * per_group  # (G, 1)
-    ids = (offsets[None] + rel[:, None, :]).reshape(batch, groups * keep)  # (B, G*keep) sorted
+    draws = 1 if shared else groups
+    noise = torch.rand(batch, draws, per_group, generator=generator, device=device)
+    rel = noise.argsort(dim=-1)[..., :keep].sort(dim=-1).values  # (B, 1 or G, keep)
+    ids = _grouped_ids(rel.expand(-1, groups, -1), groups, per_group)  # (B, G*keep)
     mask = torch.ones(batch, per_group * groups, device=device)
     mask.scatter_(1, ids, 0.0)
     return ids, mask[:, :length]
+
+
+def groupwise_mask(batch: int, length: int, groups: int, ratio: float, *, device=None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same relative positions hidden in every group (see `grouped_mask`, shared=True)."""
+    return grouped_mask(batch, length, groups, ratio, shared=True, device=device,
+                        generator=generator)
+
+
+def per_group_mask(batch: int, length: int, groups: int, ratio: float, *, device=None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions drawn independently in every group (see `grouped_mask`, shared=False)."""
+    return grouped_mask(batch, length, groups, ratio, shared=False, device=device,
+                        generator=generator)
 
 
 def normalise_target(target: torch.Tensor, kind: str, groups: int) -> torch.Tensor:
@@ -113,7 +141,7 @@ class MaskedAutoencoder(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, *, mask_ratio: float = 0.85,
-                 masking: str = "groupwise", target_norm: str = "none") -> None:
+                 masking: str = "per_group", target_norm: str = "none") -> None:
         super().__init__()
         _check_ratio(mask_ratio)
         if masking not in MASK_KINDS:
@@ -131,9 +159,10 @@ class MaskedAutoencoder(nn.Module):
         out = {}
         for (name, (m, _)), g in zip(self.backbone.spec.items(), self.backbone.groups,
                                      strict=True):
-            if self.masking == "groupwise":
-                out[name] = groupwise_mask(batch, m, g, self.mask_ratio, device=device,
-                                           generator=generator)
+            if self.masking in ("per_group", "groupwise"):
+                out[name] = grouped_mask(batch, m, g, self.mask_ratio,
+                                         shared=self.masking == "groupwise", device=device,
+                                         generator=generator)
             else:
                 out[name] = random_mask(batch, m, self.mask_ratio, device=device,
                                         generator=generator)

@@ -20,12 +20,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from models.attention import CrossAttentionBlock, SelfAttentionBlock, trunc_normal_
+from models.attention import CrossAttentionBlock, SelfAttentionBlock
 from models.heads import ReconstructionHead
 from models.inputs import InputAdapter, InputSpec, OutputAdapter, check_inputs
 from models.position import LearnedPositions, fourier_features
 
 POSITION_KINDS = ("fourier", "learned")
+LATENT_INIT_STD = 0.02  # the official Perceiver / Perceiver IO latent array init
 
 
 class ConcatFeatures(nn.Module):
@@ -116,8 +117,7 @@ class Perceiver(nn.Module):
         self.features = ConcatFeatures(inputs, position=position, grids=grids or {},
                                        num_bands=num_bands, learned_channels=learned_channels)
         w = self.features.width
-        self.latents = LearnedPositions(num_latents, latent_dim)
-        trunc_normal_(self.latents.table, std=0.02)  # the Perceiver's latent init
+        self.latents = LearnedPositions(num_latents, latent_dim, init_std=LATENT_INIT_STD)
         self.cross_first = CrossAttentionBlock(q_dim=latent_dim, kv_dim=w, widening=widening,
                                                activation=activation)
         self.cross_shared = (CrossAttentionBlock(q_dim=latent_dim, kv_dim=w, widening=widening,
@@ -168,7 +168,7 @@ class PerceiverIO(nn.Module):
             self.features = ConcatFeatures(inputs, position=position, grids=grids or {},
                                            num_bands=num_bands, learned_channels=0)
             width = self.features.width
-        self.latents = LearnedPositions(num_latents, latent_dim)
+        self.latents = LearnedPositions(num_latents, latent_dim, init_std=LATENT_INIT_STD)
         self.cross = CrossAttentionBlock(q_dim=latent_dim, kv_dim=width, num_heads=cross_heads,
                                          widening=widening, activation=activation)
         self.processor = LatentStack(latent_dim, layers=layers_per_block, repeats=blocks,

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from models.attention import variance_scaling_
+from models.attention import trunc_normal_, variance_scaling_
 
 
 def fourier_features(shape: tuple[int, ...], *, num_bands: int,
@@ -38,13 +38,22 @@ def fourier_features(shape: tuple[int, ...], *, num_bands: int,
 
 
 class LearnedPositions(nn.Module):
-    """A learned (M, E) table, Haiku TrainablePositionEncoding init (variance scaling over M)."""
+    """A learned (M, E) table.
 
-    def __init__(self, num_positions: int, channels: int) -> None:
+    init_std=None: the HiP code's TrainablePositionEncoding init, variance scaling over M
+    (Haiku treats the first axis of a 2-D parameter as fan-in): HiP latents and positions.
+    init_std=0.02: the Perceiver / Perceiver IO code's truncated normal with std 0.02, used
+    for their latent arrays and decoder queries.
+    """
+
+    def __init__(self, num_positions: int, channels: int, *,
+                 init_std: float | None = None) -> None:
         super().__init__()
         self.table = nn.Parameter(torch.empty(num_positions, channels))
-        # Haiku treats the first axis of a 2-D parameter as fan-in.
-        variance_scaling_(self.table, fan_in=num_positions)
+        if init_std is None:
+            variance_scaling_(self.table, fan_in=num_positions)
+        else:
+            trunc_normal_(self.table, std=init_std)
 
     def forward(self) -> torch.Tensor:
         return self.table

@@ -137,7 +137,7 @@ def resolve_hip_arch(name: str, overrides: dict[str, Any]) -> HiPArch:
 
 def create_model(name: str, *, inputs: InputSpec, task: str = "mae",
                  num_classes: int | None = None, head: str | None = None,
-                 mask_ratio: float = 0.85, masking: str = "groupwise", target_norm: str = "none",
+                 mask_ratio: float = 0.85, masking: str = "per_group", target_norm: str = "none",
                  **overrides: Any) -> nn.Module:
     """Build a preset for a task.
 

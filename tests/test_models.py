@@ -309,9 +309,9 @@ def _official_hip_count(arch, m, c, decoder, num_classes=None):
     if decoder:
         dl = arch.channels[-1]
         total += 2 * e + 2 * dl + _attn(e, dl, dl, dl, e) + 2 * e + 2 * _lin(e, e) + _lin(e, c)
-    else:  # learned-query head: query (1, D) + cross-attention + LN + Linear
+    else:  # learned-query head: query (1, D) + cross-attention + Linear (no LN, as official)
         d = arch.channels[mid]
-        total += d + _cross(d, d) + 2 * d + _lin(d, num_classes)
+        total += d + _cross(d, d) + _lin(d, num_classes)
     return total
 
 
