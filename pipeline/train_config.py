@@ -43,7 +43,10 @@ class ModelSection(StrictModel):
 
 class MaeSection(StrictModel):
     mask_ratio: float = Field(0.85, ge=0.0, lt=1.0, description="fraction of positions hidden")
-    masking: Literal["groupwise", "random"] = "groupwise"
+    masking: Literal["per_group", "groupwise", "random"] = Field("per_group", description=(
+        "per_group: every group hides its own random positions (the same count per group); "
+        "groupwise: the same relative positions in every group (only sensible when a group "
+        "spans many image rows, e.g. HiP-16 at 224 px); random: anywhere (docs/masking.md)"))
     target_norm: Literal["none", "token", "group"] = "none"
 
 
