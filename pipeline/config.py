@@ -239,6 +239,12 @@ class ShardSettings(StrictModel):
     compression: Literal["none", "snappy", "zstd", "lz4", "gzip"] = Field(
         "snappy", description="Parquet codec (uint8 pixels barely compress; snappy is cheap)."
     )
+    shuffle_seed: int = Field(
+        0, ge=0, description="Rows are written in a random order seeded by this (sorted by "
+        "sha256 of seed and row id), not in listing order: with class sub-folders the listing "
+        "is sorted by class, and every file would hold one or two classes. The same inputs "
+        "and seed give the same order."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ShardSettings:

@@ -7,6 +7,7 @@ with one line instead of after a cluster start.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -107,11 +108,24 @@ def train_passes(rows: int, cfg: TrainConfig) -> int:
     return max(1, min(needed, wanted))
 
 
+def pass_seed(seed: int, index: int) -> int:
+    """The file-order seed of pass `index` of one execution (trainer.seed -> 32 bits)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "big")
+
+
 def _datasets(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Train: `passes` copies of the train split chained with union, each reading its files
+    in its own random order, a new one every execution (epoch), all derived from
+    trainer.seed (open_shards' file_seed): the same rows in the same orders on every run of
+    a config, which data.deterministic (preserve_order) turns into the same batches.
+    Rows are mixed further by the local shuffle buffer of train._batches; the shards
+    themselves hold rows in a random order (preprocess.shuffled)."""
     columns = [*TENSOR_COLUMNS[dataset_modality(manifest)], "label"]
-    train = shards.open_shards(cfg.data.path, cfg.data.train_split).select_columns(columns)
     passes = train_passes(int(manifest.get("splits", {}).get(cfg.data.train_split, 0)), cfg)
-    out = {"train": train.union(*[train] * (passes - 1)) if passes > 1 else train}
+    copies = [shards.open_shards(cfg.data.path, cfg.data.train_split,
+                                 file_seed=pass_seed(cfg.trainer.seed, i)).select_columns(columns)
+              for i in range(passes)]
+    out = {"train": copies[0].union(*copies[1:]) if passes > 1 else copies[0]}
     if manifest.get("splits", {}).get(cfg.data.val_split):
         out["val"] = shards.open_shards(cfg.data.path, cfg.data.val_split).select_columns(columns)
     return out

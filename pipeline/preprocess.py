@@ -1,7 +1,9 @@
 """Ray Data job: raw media files -> normalised rows -> Parquet shards + rejects + manifest.
 
 One streaming pass; nothing decoded is ever materialised:
-    list inputs on the driver (fsspec: local or gs://)  ->  ray.data.from_items(listing)
+    list inputs on the driver (fsspec: local or gs://), put them in a seeded random order
+    (`shuffled`: listing order is class order with class sub-folders)
+    -> ray.data.from_items(rows)
     -> map_batches(decode_batch): read bytes + decode each row; a failure becomes a reject row
     -> write_datasink(ShardSink): rows routed by `split` to train/ val/ rejects/; with
        shards.write=fused (default) Ray fuses this into the decode tasks (one task reads,
@@ -22,6 +24,7 @@ folders before writing, so rows are never duplicated.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import time
@@ -216,7 +219,8 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
     # One listing block per decode batch, and batch_size=None below (= one whole block per
     # call): with batch_size=B, Ray would bundle blocks of ~B rows into tasks of ~2B.
     with _op_reservation(cfg.read.op_reservation):
-        ds = ray.data.from_items(listing.rows, override_num_blocks=-(-listing.count // batch))
+        rows = shuffled(listing.rows, cfg.shards.shuffle_seed)  # every file mixes classes
+        ds = ray.data.from_items(rows, override_num_blocks=-(-listing.count // batch))
         if cfg.read.strategy == "actors":
             ds = ds.map_batches(
                 Decoder, fn_constructor_args=(spec, in_fs), batch_size=None,
@@ -254,6 +258,20 @@ def _op_reservation(enabled: bool):
         yield
     finally:
         ctx.op_resource_reservation_enabled = saved
+
+
+def shuffled(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The listing's rows in a seeded random order: sorted by sha256("<seed>:<id>").
+
+    The listing is sorted by path, i.e. by class with ImageFolder inputs; written in that
+    order, each shard file would hold one or two classes and training batches (which shuffle
+    within a bounded buffer) would be nearly one class. Each row's place depends only on the
+    seed and its id (a hash of its relative path), so a rerun over the same inputs writes the
+    same order, and a new file does not reorder the others."""
+    def key(row: dict[str, Any]) -> bytes:
+        return hashlib.sha256(f"{seed}:{row['id']}".encode()).digest()
+
+    return sorted(rows, key=key)
 
 
 def _rows_per_file(cfg: PreprocessConfig, spec: DecodeSpec) -> int:
@@ -300,6 +318,7 @@ def build_manifest(
         "schema": {"rows": result["schemas"].get("train") or result["schemas"].get("val"),
                    "rejects": result["schemas"].get(shards.REJECTS)},
         "files": result["files"],
+        "shuffle_seed": cfg.shards.shuffle_seed,  # rows written in the order of shuffled()
         "config": config_to_dict(cfg), "config_hash": plan.config_hash,
         "input_fingerprint": listing.fingerprint,
         "created": _now(), "elapsed_s": round(elapsed, 3),

@@ -195,9 +195,15 @@ def shard_uris(uri: str, split: str, manifest: dict[str, Any] | None = None) -> 
     return [join(uri, f["path"]) for f in files[split]]
 
 
-def open_shards(uri: str, split: str = "train") -> ray.data.Dataset:
+def open_shards(uri: str, split: str = "train", *, file_seed: int | None = None
+                ) -> ray.data.Dataset:
     """The rows of one split as a Ray Dataset (tensor columns come back as fixed-shape
-    tensors: image (H, W, 3) uint8, audio (T,) int16 or float32, video (F, H, W, 3) uint8)."""
+    tensors: image (H, W, 3) uint8, audio (T,) int16 or float32, video (F, H, W, 3) uint8).
+
+    file_seed: read the files in a random order, a new one on every execution of the
+    dataset (every epoch), derived from the seed and the execution's index (Ray's
+    FileShuffleConfig with reseed_after_execution), so two datasets opened with one seed go
+    through the same sequence of orders. Cheap: only the list of files is permuted."""
     import ray.data
 
     manifest = read_manifest(uri)
@@ -215,7 +221,10 @@ def open_shards(uri: str, split: str = "train") -> ray.data.Dataset:
     old, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
         # Local: let pyarrow use its native filesystem (faster than the fsspec wrapper).
-        ds = ray.data.read_parquet(paths, filesystem=None if is_local(uri) else fs)
+        shuffle = None if file_seed is None else ray.data.FileShuffleConfig(
+            seed=file_seed, reseed_after_execution=True)
+        ds = ray.data.read_parquet(paths, filesystem=None if is_local(uri) else fs,
+                                   shuffle=shuffle)
     finally:
         ctx.use_datasource_v2 = old
     if not tensors:
