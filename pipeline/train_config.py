@@ -28,8 +28,9 @@ class DataSection(StrictModel):
     val_split: str = "val"
     deterministic: bool = Field(False, description=(
         "every run of this config sees the same batches in the same order (Ray Data "
-        "preserve_order; the shuffle buffer is always seeded from trainer.seed): what a sweep "
-        "comparing configurations wants; costs some ingest throughput on big clusters"))
+        "preserve_order; the per-epoch file order and the shuffle buffer are always seeded "
+        "from trainer.seed): what a sweep comparing configurations wants; costs some ingest "
+        "throughput on big clusters (docs/data-order.md)"))
 
 
 class ModelSection(StrictModel):
