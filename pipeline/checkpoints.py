@@ -1,7 +1,8 @@
 """Training checkpoints: one `state.pt` per checkpoint, loadable with weights_only=True.
 
 Content: model (unwrapped state dict), optimizer, scheduler, step, torch RNG state, the
-resolved config (plain dict) and the dataset manifest hash. Only tensors, numbers, strings,
+position in the train data stream ({"epoch", "batch"}: see train._batches), the resolved
+config (plain dict) and the dataset manifest hash. Only tensors, numbers, strings,
 lists and dicts, so `torch.load(..., weights_only=True)` can read it: no pickled code.
 """
 
@@ -24,11 +25,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def make_state(model, optimizer, scheduler, *, step: int, config: Mapping[str, Any],
-               manifest_hash: str) -> dict[str, Any]:
+               manifest_hash: str, data_position: Mapping[str, int] | None = None
+               ) -> dict[str, Any]:
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "step": step,
-            "rng": torch.get_rng_state(), "config": dict(config),
-            "manifest_hash": manifest_hash}
+            "rng": torch.get_rng_state(), "data": dict(data_position or {}),
+            "config": dict(config), "manifest_hash": manifest_hash}
 
 
 def save_state(state: Mapping[str, Any], folder: str | Path) -> Path:

@@ -8,6 +8,7 @@ every worker at the same steps (it is a barrier), with rank 0 passing the checkp
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -25,6 +26,7 @@ from pipeline.batches import input_spec, to_model_input, to_pixels
 from pipeline.train_config import TrainConfig
 
 FAULT_ENV = "HIP_TEST_FAULT"  # test-only: "rank:step:marker_path" exits that rank once
+INIT_TENSORS_TAG = "hip.initialised_tensors"  # how many tensors finetune.init_from supplied
 
 
 def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> torch.nn.Module:
@@ -89,25 +91,44 @@ class _Ctx:
         return self.rank == 0 and self.run_id is not None
 
 
-def _batches(ds, ctx: _Ctx, columns: list[str], *, train: bool):
-    """Endless (train) or one-pass (eval) iterator of raw tensor batches from a shard."""
+def _batches(ds, ctx: _Ctx, columns: list[str], *, train: bool,
+             position: dict[str, int] | None = None):
+    """Endless (train) or one-pass (eval) iterator of raw tensor batches from a shard.
+
+    position (train): {"epoch": e, "batch": b}, kept up to date with what has been handed
+    out (b batches of epoch e) and saved in checkpoints. Given a saved one, iteration starts
+    in epoch e after its first b batches, so a resumed run continues with the batches an
+    uninterrupted run would see next (with data.deterministic) instead of the first ones
+    again. Skipping reads those b batches (no forward pass): at most one epoch's reading."""
     kw = dict(batch_size=ctx.cfg.optim.batch_size, device=ctx.device)
-    epoch = 0
+    pos = position if position is not None else {"epoch": 0, "batch": 0}
+    skip = pos["batch"]
     while True:
         # Seeded per rank and epoch: the same rows in the same order give the same batches.
         shuffle = dict(local_shuffle_buffer_size=256,
-                       local_shuffle_seed=ctx.cfg.trainer.seed + 1000 * epoch + ctx.rank)
+                       local_shuffle_seed=ctx.cfg.trainer.seed + 1000 * pos["epoch"] + ctx.rank)
         it = ds.iter_torch_batches(drop_last=train, **kw, **(shuffle if train else {}))
-        epoch += 1
         n = 0
         for b in it:
             n += 1
+            if n <= skip:
+                continue
+            pos["batch"] = n
             yield {k: b[k] for k in columns}
         if not train:
             return
         if n == 0:  # an empty epoch would loop forever: the shard is smaller than a batch
             raise ValueError(f"rank {ctx.rank}'s train shard holds fewer rows than "
                              f"optim.batch_size={ctx.cfg.optim.batch_size}")
+        skip = 0
+        pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one optimizer step on one rank. Reseeding every step makes MAE
+    masks, dropout and latent subsampling a function of (trainer.seed, rank, step), so a
+    resumed run (any rank, any worker restart) draws what an uninterrupted run would."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()[:8], "big")
 
 
 def _forward(model, batch, spec, ctx: _Ctx, generator=None):
@@ -198,10 +219,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             print(f"[hip] initialised {len(report.loaded)} tensors from {config['init_from']}; "
                   f"new: {', '.join(sorted({k.split('.')[0] for k in report.missing}))}",
                   flush=True)
+        if ctx.logs:
+            tracking.set_tags(cfg.tracking.uri, ctx.run_id,
+                              {INIT_TENSORS_TAG: str(len(report.loaded))})
     model = ray.train.torch.prepare_model(model)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     step = 0
+    position = {"epoch": 0, "batch": 0}  # where the train data stream is: see _batches
     ckpt = ray.train.get_checkpoint()
     persisted = checkpoints.latest_persisted(ctx.local_dir) if ctx.local_dir else None
     if ckpt is not None or persisted:  # resume after a failure or a rerun of the same name
@@ -214,8 +239,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
-        torch.set_rng_state(state["rng"])
-        torch.manual_seed(cfg.trainer.seed + ctx.rank + step)  # fresh masks after resume
+        # Every rank has consumed as many batches as rank 0 (equal splits, same steps).
+        # Checkpoints from before the data position was saved restart the stream.
+        position.update(state.get("data") or {})
         if ctx.rank == 0:
             print(f"[hip] resumed from step {step}", flush=True)
         if ctx.logs:
@@ -223,7 +249,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     train_ds = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val") if "val" in config.get("splits", ()) else None
     columns = list(spec) + (["label"] if cfg.task == "classify" else [])
-    data = _batches(train_ds, ctx, columns, train=True)
+    data = _batches(train_ds, ctx, columns, train=True, position=position)
     mh = tracking.manifest_hash(ctx.manifest)
     model.train()
     while step < cfg.trainer.steps:
@@ -231,6 +257,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         wait = 0.0
         loss_value = 0.0
         opt.zero_grad(set_to_none=True)
+        torch.manual_seed(step_seed(cfg.trainer.seed, ctx.rank, step))
         for _ in range(cfg.optim.grad_accum):
             tw = time.perf_counter()
             batch = next(data)
@@ -263,10 +290,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 tracking.log_metrics(cfg.tracking.uri, ctx.run_id, val, step)
         save = step % cfg.trainer.checkpoint_every == 0 or last
         if evaluated or save:  # every worker reaches this at the same steps (a barrier)
-            _report(model, opt, sched, step, metrics, config["cfg"], mh, ctx, save=save)
+            _report(model, opt, sched, step, metrics, config["cfg"], mh, ctx, save=save,
+                    position=position)
 
 
-def _report(model, opt, sched, step, metrics, cfg_dict, mh, ctx: _Ctx, *, save: bool) -> None:
+def _report(model, opt, sched, step, metrics, cfg_dict, mh, ctx: _Ctx, *, save: bool,
+            position: dict[str, int]) -> None:
     """ray.train.report at eval and checkpoint steps: Tune schedulers (ASHA) see every eval;
     rank 0 attaches the checkpoint at checkpoint steps."""
     import ray.train
@@ -276,7 +305,7 @@ def _report(model, opt, sched, step, metrics, cfg_dict, mh, ctx: _Ctx, *, save: 
         checkpoint = None
         if save and ctx.rank == 0:
             state = checkpoints.make_state(model, opt, sched, step=step, config=cfg_dict,
-                                           manifest_hash=mh)
+                                           manifest_hash=mh, data_position=position)
             if ctx.local_dir:  # local mode: Ray Train would keep only a temp folder
                 where = shards.storage_kwargs(checkpoints.persist_state(
                     state, ctx.local_dir, step, ctx.cfg.trainer.num_to_keep))

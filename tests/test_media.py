@@ -229,15 +229,28 @@ def test_truncated_images_are_corrupt(fmt):
 # ---------------------------------------------------------------------------------- audio
 
 
-def test_int16_audio_storage_rounds_clips_and_matches_trainings_scale():
-    from pipeline.batches import AUDIO_INT16_SCALE
-    from pipeline.decode import INT16_SCALE, to_int16
+def test_int16_audio_storage_rounds_clips_and_training_reads_it_back_within_half_a_step():
+    import torch
+
+    from pipeline.batches import to_model_input
+    from pipeline.decode import to_int16
 
     x = np.array([0.0, 1.0, -1.0, 1.5, -2.0, 0.5 / 32767, 1.5 / 32767, -0.25], np.float32)
     q = to_int16(x)
     assert q.dtype == np.int16
     assert q.tolist() == [0, 32767, -32767, 32767, -32767, 0, 2, -8192]
-    assert INT16_SCALE == AUDIO_INT16_SCALE  # what preprocessing writes, training divides by
+    # What preprocessing stores (to_int16) -> what training feeds the model (to_model_input):
+    # the clipped signal to within half a quantisation step. A scale that differs between
+    # the two by even one count (32768) is off by up to a whole step near full scale.
+    signal = np.concatenate([x, np.random.default_rng(0).uniform(-1, 1, 2000)]
+                            ).astype(np.float32)
+    stored = torch.from_numpy(np.stack([to_int16(signal), to_int16(-signal)]))
+    back = to_model_input({"audio": stored}, {"audio": (len(signal), 1)})["audio"]
+    assert back.dtype == torch.float32 and back.shape == (2, len(signal), 1)
+    want = np.clip(signal, -1, 1)
+    half_step = 0.5 / 32767
+    np.testing.assert_allclose(back[0, :, 0].numpy(), want, rtol=0, atol=half_step * 1.001)
+    np.testing.assert_allclose(back[1, :, 0].numpy(), -want, rtol=0, atol=half_step * 1.001)
 
 
 def test_wav_int16_same_rate_is_exact_and_padded():
