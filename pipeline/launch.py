@@ -102,7 +102,8 @@ STEPS_PER_EXECUTION = 200
 
 def train_passes(rows: int, cfg: TrainConfig) -> int:
     """How many passes over the train split one Ray Data execution chains (>= 1)."""
-    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * cfg.trainer.num_workers
+    # Local mode (num_workers=0) runs one loop in the driver: one worker's batches.
+    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * max(1, cfg.trainer.num_workers)
     needed = -(-cfg.trainer.steps * per_step // max(rows, 1))  # passes the whole run needs
     wanted = -(-STEPS_PER_EXECUTION * per_step // max(rows, 1))
     return max(1, min(needed, wanted))

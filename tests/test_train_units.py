@@ -147,6 +147,8 @@ def test_small_train_splits_are_chained_so_an_execution_spans_many_steps():
     assert train_passes(149, cfg) == -(-STEPS_PER_EXECUTION * 16 // 149)  # capped
     assert train_passes(1_281_167, cfg) == 1  # ImageNet-sized: plain epochs
     assert train_passes(0, cfg) >= 1
+    cfg.trainer.num_workers = 0  # local mode: one loop in the driver, chained like 1 worker
+    assert train_passes(149, cfg) == -(-STEPS_PER_EXECUTION * 16 // 149)
 
 
 @pytest.mark.parametrize("workers,split", [(0, []), (1, []), (2, "all")])
