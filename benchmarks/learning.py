@@ -625,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "met" if value >= need - 1e-9 else "MISSED"
             verdicts.append(verdict == "met")
         shown = "" if math.isnan(value) or "swing" in name else f" ({value:+.3f})"
-        print(f"  {name}: {verdict}{shown}; {note}")
+        note = f"; {note}" if note and not verdict.startswith("n/a") else ""
+        print(f"  {name}: {verdict}{shown}{note}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -20,7 +20,8 @@ def test_learning_benchmark_prints_every_arm(ray_session, tmp_path, capsys):
     learning.main(["--data", str(tmp_path / "raw" / "image"), "--size", "8", "--seeds", "1",
                    "--pretrain-steps", "2", "--finetune-steps", "2", "--evals", "2",
                    "--k", "1", "--threads", "1", "--workdir", str(tmp_path / "work"),
-                   "--preprocess-set", "split.val_fraction=0.3", "--json", str(out),
+                   "--preprocess-set", "split.val_fraction=0.3", "--preprocess-set",
+                   "read.concurrency=1", "--json", str(out),
                    "optim.warmup_steps=1"])
     text = capsys.readouterr().out
     table = [line for line in text.splitlines() if line.startswith("| ")]
