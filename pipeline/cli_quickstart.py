@@ -131,14 +131,22 @@ def _sample_data(out: Path, scale: dict[str, Any]):
 
 def _preprocess(data: Path, modality: str, scale: dict[str, Any]):
     from pipeline.config import PreprocessConfig, load_config
-    from pipeline.preprocess import run_preprocess
+    from pipeline.preprocess import PreflightError, run_preprocess
 
     src = "video" if modality == "audio+video" else modality
     overrides = [f"image.size={scale['image_size']}", *scale["audio"], *scale["video"]]
     cfg = load_config(PreprocessConfig, None, overrides, {
         "modality": modality, "input": str(data / "raw" / src),
         "output": str(data / "shards" / modality)})
-    run_preprocess(cfg, overwrite=False)
+    try:
+        run_preprocess(cfg, overwrite=False)
+    except PreflightError as e:
+        if "different config" not in str(e):
+            raise
+        # The quickstart owns data/shards: shards of an older config (e.g. written before
+        # rows were shuffled) are rebuilt rather than refused.
+        run_preprocess(cfg, overwrite=True)
+        return None, "(rebuilt: the config changed)"
     return None, ""
 
 
