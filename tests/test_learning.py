@@ -154,9 +154,10 @@ def test_a_resumed_run_equals_the_uninterrupted_run(image_shards, tmp_path, monk
     schedule, continued the data stream after the batches already consumed and drew the
     same masks. The 8 steps use more batches than one pass over the train split holds, so the
     resumed run also crosses from one pass into the next (each pass reads its files in its
-    own order), as the straight one did. From a checkpoint taken inside a later epoch the loop's part (position, buffer
-    seed) is test_the_train_stream_resumes_across_epochs; Ray Data's per-execution file
-    order restarts then (docs/data-order.md), so such a resume is not exact."""
+    own order), as the straight one did. From a checkpoint taken inside a later epoch the
+    loop's part (position, buffer seed) is test_the_train_stream_resumes_across_epochs; Ray
+    Data's per-execution file order restarts then (docs/data-order.md), so such a resume is
+    not exact."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["pretrain", "--config", TINY, f"data.path={image_shards}", f"tracking.uri={uri}",
               f"storage.path={tmp_path}/ck", "trainer.num_workers=0", "data.deterministic=true",
