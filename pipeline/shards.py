@@ -227,6 +227,11 @@ def open_shards(uri: str, split: str = "train", *, file_seed: int | None = None
                                    shuffle=shuffle)
     finally:
         ctx.use_datasource_v2 = old
+    # The dataset copies the process's DataContext, execution counter included, and some of
+    # Ray's readers (from_items, from_pandas) run on the global context and advance it: the
+    # same config would then read another file order depending on what ran before in this
+    # process (local-mode training, tests). Every dataset's first execution is number 0.
+    ds.context._execution_idx = 0
     if not tensors:
         return ds
     # Fused into the read tasks; row count unchanged, so count() and limits stay cheap.
