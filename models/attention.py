@@ -4,7 +4,7 @@ Shape letters: B batch, G groups, N query tokens, M key/value tokens, C/D channe
 Every layer accepts any number of leading dims (``...``): (B, N, C) and (B, G, N, C) alike, so
 groups never need a Python loop: they ride along as a batch dim into one SDPA call.
 
-Conventions (REFERENCE.md, official HiP code):
+Conventions (docs/reference.md, official HiP code):
 - All Linear layers have biases; LayerNorms have scale and bias.
 - Logits are scaled by 1/sqrt(head_dim); softmax is taken in fp32. The fused SDPA kernels
   (flash / memory-efficient on GPU, flash on CPU) accumulate the softmax in fp32 even under

@@ -6,7 +6,7 @@ C input channels of a block, D latent channels of a block, E embedding channels.
 Encoder levels -> processor (the middle level, 1 group) -> decoder levels (mirror), with
 U-Net skips: decoder level i (i > mid) receives level n-1-i's output, Linear-projected when
 the widths differ, summed into its latent queries before the query LayerNorm. Every number
-follows the official JAX code (google-deepmind/hierarchical_perceiver); see REFERENCE.md.
+follows the official JAX code (google-deepmind/hierarchical_perceiver); see docs/reference.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Named presets and `create_model`: sizes live here, wiring lives in hip.py / perceiver.py.
 
-Presets (REFERENCE.md; official VARIANTS of google-deepmind/hierarchical_perceiver):
+Presets (docs/reference.md; official VARIANTS of google-deepmind/hierarchical_perceiver):
   hip_mini, hip16, hip256          HiP; MAE (encoder+processor+decoder) or classify (enc+proc)
   perceiver                        Perceiver 2021, ImageNet sizes, Fourier features; classify
   perceiver_io                     Perceiver IO, ImageNet sizes; classify (Fourier) or MAE

@@ -1,9 +1,10 @@
 """From shard rows to model inputs: input specs from the manifest, batch normalisation.
 
 Shape letters: B batch, H/W image size, F frames, T audio samples, M positions, C channels.
-Shard columns (DESIGN.md): image uint8 (B, H, W, 3); audio float32 or int16 (B, T) (see
-preprocess's audio.dtype; int16 holds round(x * 32767)); video uint8
-(B, F, H, W, 3). Model input: dict modality -> (B, M, C) float32, positions in raster order.
+Shard columns (pipeline/preprocess.py, README "Data"): image uint8 (B, H, W, 3); audio
+float32 or int16 (B, T) (see preprocess's audio.dtype; int16 holds round(x * 32767)); video
+uint8 (B, F, H, W, 3). Model input: dict modality -> (B, M, C) float32, positions in raster
+order.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# Small boxes: Train workers + Data ingest deadlock when logical CPUs == 2 (RAY_NOTES.md),
+# Small boxes: Train workers + Data ingest deadlock when logical CPUs == 2 (docs/ray-notes.md),
 # so a local Ray gets at least this many logical CPUs.
 MIN_LOCAL_CPUS = 4
 # Object store cap for local starts; Ray's default (30% of RAM) is more than small jobs

@@ -60,7 +60,7 @@ def _gcs() -> fsspec.AbstractFileSystem:
     emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
     if emulator:
         # The core class, not gcsfs' default export: that one may be the zonal/HNS variant
-        # whose gRPC bucket probe hangs against an emulator (see RAY_NOTES.md).
+        # whose gRPC bucket probe hangs against an emulator (see docs/ray-notes.md).
         from gcsfs.core import GCSFileSystem
 
         endpoint = emulator if emulator.startswith(("http://", "https://")) else (
@@ -142,7 +142,7 @@ def read_manifest(uri: str) -> dict[str, Any]:
 # shape and dtype in the manifest ("columns") and in the Parquet field metadata. Ray's
 # tensor extension types would be stored as Parquet LISTs with per-element levels: ~4 ms
 # per 224x224x3 image to write and ~1.4 ms to read on this CPU, vs ~0.15 / 0.1 ms as bytes
-# (docs/benchmarks-preprocess.md). open_shards turns them back into fixed-shape tensors.
+# (measured when the format was chosen). open_shards turns them back into fixed-shape tensors.
 
 
 def tensor_to_arrow(arr: np.ndarray) -> pa.FixedSizeBinaryArray:

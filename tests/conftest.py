@@ -3,7 +3,7 @@
 Environment set at import time, i.e. before any Ray worker or gcsfs import exists:
 - RAY_AUTH_MODE=disabled: local clusters default to token auth in Ray 2.60.
 - GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: gcsfs >= 2026 otherwise probes every bucket over
-  gRPC, which hangs ~60 s against the GCS emulator (RAY_NOTES.md). gcsfs reads it on import,
+  gRPC, which hangs ~60 s against the GCS emulator (docs/ray-notes.md). gcsfs reads it on import,
   and Ray workers inherit the driver's environment when the session Ray starts.
 - RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5: see below.
 """
@@ -26,7 +26,7 @@ SAMPLE_PER_CLASS = 4  # x 10 classes = 40 files per modality
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray (4 logical CPUs on 2 cores, see RAY_NOTES.md), shut down at the end."""
+    """A real local Ray (4 logical CPUs on 2 cores, see docs/ray-notes.md), shut down at the end."""
     import ray
 
     if not ray.is_initialized():
