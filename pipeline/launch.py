@@ -180,12 +180,18 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     tags = {"hip.task": cfg.task, "hip.preset": cfg.model.preset,
             "hip.manifest_hash": tracking.manifest_hash(manifest),
             "hip.data": cfg.data.path, "mlflow.source.git.commit": tracking.git_commit(),
+            **tracking.source_tags("hip pretrain" if cfg.task == "mae" else "hip finetune"),
             **cfg.tracking.tags, **(extra_tags or {})}
     run_id = tracking.start_run(
         cfg.tracking.uri, cfg.tracking.experiment, run_name=run_name, params=resolved,
         tags=tags, parent_run_id=parent_run_id,
         artifacts={"config/resolved.yaml": tracking.config_yaml(resolved),
                    "data/manifest.json": _json(manifest)})
+    try:
+        tracking.log_dataset(cfg.tracking.uri, run_id, manifest, cfg.data.path)
+    except BaseException:
+        tracking.end_run(cfg.tracking.uri, run_id, "FAILED")
+        raise
     log(f"[hip] MLflow run {run_id} ({run_name}) in experiment {cfg.tracking.experiment!r} "
         f"at {cfg.tracking.uri}")
     log(f"[hip] checkpoints under {shards.join(cfg.storage.path, run_name)}")

@@ -22,6 +22,12 @@ import yaml
 
 MAX_PARAM_LEN = 500  # MLflow rejects longer param values
 CHECKPOINT_TAG = "hip.checkpoint_uri"
+# MLflow 3's UI opens an experiment in its GenAI (traces) overview unless the experiment is
+# tagged as model development; ours hold training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+SOURCE_NAME_TAG = "mlflow.source.name"  # the UI's Source column
+SOURCE_TYPE_TAG = "mlflow.source.type"
 FINAL_MODEL_ARTIFACT = "checkpoint/state.pt"  # final checkpoint of a run
 
 
@@ -62,6 +68,8 @@ def experiment_id(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version: never overridden
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
@@ -70,7 +78,8 @@ def experiment_id(uri: str, name: str) -> str:
         db = Path(uri.removeprefix("sqlite:///"))
         location = (db.parent / "artifacts" / name).resolve().as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location,
+                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created concurrently by another trial: read it back
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -95,6 +104,30 @@ def start_run(uri: str, experiment: str, *, run_name: str, params: Mapping[str, 
     for name, content in (artifacts or {}).items():
         log_bytes(uri, run.info.run_id, name, content)
     return run.info.run_id
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """Tags that fill the UI's Source column with the `hip` command that made the run."""
+    return {SOURCE_NAME_TAG: command, SOURCE_TYPE_TAG: "LOCAL"}
+
+
+def log_dataset(uri: str, run_id: str, manifest: Mapping[str, Any], data_path: str,
+                context: str = "training") -> None:
+    """Record the shards as the run's MLflow dataset input (the UI's Dataset column):
+    name = the shards folder's name, digest = the manifest hash, source = the shards URI,
+    schema = the tensor columns, profile = rows per split."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source_type = data_path.split("://", 1)[0] if "://" in data_path else "local"
+    dataset = Dataset(
+        name=data_path.rstrip("/").rsplit("/", 1)[-1] or data_path,
+        digest=manifest_hash(manifest), source_type=source_type,
+        source=json.dumps({"uri": data_path}),
+        schema=json.dumps({"columns": manifest.get("columns", {})}, default=str),
+        profile=json.dumps({"splits": manifest.get("splits", {}),
+                            "classes": len(manifest.get("classes") or [])}))
+    client(uri).log_inputs(run_id, datasets=[DatasetInput(
+        dataset, tags=[InputTag("mlflow.data.context", context)])])
 
 
 def log_bytes(uri: str, run_id: str, artifact_path: str, content: str | bytes) -> None:

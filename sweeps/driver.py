@@ -174,7 +174,8 @@ def _open_parent(plan: SweepPlan, max_concurrent: int) -> str:
         tags["hip.invalid_points"] = "; ".join(
             f"{format_point(i.point)}: {i.reason}" for i in plan.invalid)[:4000]
     return tracking.start_run(
-        plan.uri, plan.experiment, run_name=f"sweep-{s.name}", params=params, tags=tags,
+        plan.uri, plan.experiment, run_name=f"sweep-{s.name}", params=params,
+        tags={**tracking.source_tags("hip sweep"), **tags},
         artifacts={"sweep/sweep.yaml": tracking.config_yaml(s.model_dump(mode="json")),
                    "sweep/base.yaml": tracking.config_yaml(plan.base)})
 

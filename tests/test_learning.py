@@ -134,6 +134,9 @@ def test_hip_finetune_on_ray_learns_a_separable_task(quadrant_shards, tmp_path):
     c = tracking.client(uri)
     (run,) = c.search_runs([c.get_experiment_by_name("learning").experiment_id])
     assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.source.name"] == "hip finetune"
+    assert [d.dataset.name for d in c.get_run(run.info.run_id).inputs.dataset_inputs] == [
+        quadrant_shards.name]
     (acc,) = c.get_metric_history(run.info.run_id, "val_accuracy")
     assert acc.step == 150
     assert acc.value > 0.8, acc.value  # chance: 0.25
