@@ -181,6 +181,8 @@ def _sweep(common: list[str], scale: dict[str, Any], uri: str, out_dir: Path):
 
 
 def _report(stages, pre, ft_mae, ft_scratch, sweep, uri, runs: Path, log) -> None:
+    from pipeline import tracking
+
     acc_mae = ft_mae["metrics"].get("val_accuracy", float("nan"))
     acc_scratch = ft_scratch["metrics"].get("val_accuracy", float("nan"))
     log("\n=== quickstart report ===")
@@ -194,7 +196,7 @@ def _report(stages, pre, ft_mae, ft_scratch, sweep, uri, runs: Path, log) -> Non
         log(f"\n{sweep}")
     log(f"\nreconstructions: MLflow run {pre['run_id']}, artifacts reconstructions/*.png")
     log(f"plots: {runs / 'compare'}")
-    log(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+    log(f"MLflow UI: {tracking.ui_link(uri, EXPERIMENT)}")
 
 
 __all__ = ["add_parser", "run_quickstart", "argparse"]

@@ -195,6 +195,8 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     log(f"[hip] MLflow run {run_id} ({run_name}) in experiment {cfg.tracking.experiment!r} "
         f"at {cfg.tracking.uri}")
     log(f"[hip] checkpoints under {shards.join(cfg.storage.path, run_name)}")
+    log("[hip] runs in the MLflow UI: "
+        f"{tracking.ui_link(cfg.tracking.uri, cfg.tracking.experiment)}")
     datasets = _datasets(cfg, manifest)
     local: dict[str, Any] = {}
     if cfg.trainer.num_workers == 0:

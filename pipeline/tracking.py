@@ -106,6 +106,17 @@ def start_run(uri: str, experiment: str, *, run_name: str, params: Mapping[str, 
     return run.info.run_id
 
 
+def ui_link(uri: str, experiment: str) -> str:
+    """Where to see an experiment's runs. MLflow 3.17's UI picks GenAI or model-training
+    views per browser (its GenAI / Model training toggle, GenAI by default), not from the
+    experiment; `workflowType=machine_learning` in the link opens the runs table."""
+    exp = client(uri).get_experiment_by_name(experiment)
+    page = f"#/experiments/{exp.experiment_id if exp else ''}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+
+
 def source_tags(command: str) -> dict[str, str]:
     """Tags that fill the UI's Source column with the `hip` command that made the run."""
     return {SOURCE_NAME_TAG: command, SOURCE_TYPE_TAG: "LOCAL"}

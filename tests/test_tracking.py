@@ -36,3 +36,11 @@ def test_runs_record_their_source_and_shards_as_a_dataset(tmp_path):
     assert "gs://bucket/shards/image" in inp.dataset.source
     assert '"train": 90' in inp.dataset.profile and "uint8" in inp.dataset.schema
     assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "training")]
+
+
+def test_ui_links_open_the_runs_table(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.experiment_id(uri, "exp")
+    link = tracking.ui_link(uri, "exp")
+    assert f"mlflow ui --backend-store-uri {uri}" in link
+    assert link.endswith(f"/#/experiments/{exp}/runs?workflowType=machine_learning")
