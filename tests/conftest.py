@@ -63,7 +63,7 @@ def sample_dir(tmp_path_factory) -> Path:
 def image_shards(ray_session, tmp_path_factory) -> Path:
     """60 sample images preprocessed to 16x16 shards (train + val) for the training tests:
     enough rows for 2 workers x batch 8."""
-    from pipeline import cli
+    from hip_pipeline import main as cli
     from pipeline.sample_data import write_sample_data
 
     raw = tmp_path_factory.mktemp("train-sample")

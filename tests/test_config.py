@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from pipeline import cli
+from hip_pipeline import main as cli
 from pipeline.config import (
     ConfigError,
     PreprocessConfig,

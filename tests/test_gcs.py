@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from netutil import free_port, serving
 
-from pipeline import cli, shards
+from hip_pipeline import main as cli
+from pipeline import shards
 
 pytestmark = pytest.mark.integration
 BUCKET = "hip-test"

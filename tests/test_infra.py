@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import build_parser
+from hip_pipeline.main import build_parser
 from pipeline.config import load_config
 from pipeline.train_config import TrainConfig
 
@@ -80,7 +80,7 @@ def test_dockerfile_installs_this_package():
     assert "cuda" in text.splitlines()[next(i for i, line in enumerate(text.splitlines())
                                              if line.startswith("FROM"))].lower()
     # The image's console script is the project's.
-    assert project["project"]["scripts"]["hip"] == "pipeline.cli:main"
+    assert project["project"]["scripts"]["hip"] == "hip_pipeline.main:main"
     assert "hip --help" in text
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoints, cli, shards, tracking, train
+from hip_pipeline import main as cli
+from pipeline import checkpoints, shards, tracking, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import cli, shards
+from hip_pipeline import main as cli
+from pipeline import shards
 from pipeline.preprocess import MARKER
 
 pytestmark = pytest.mark.integration
@@ -307,7 +308,7 @@ def test_foreign_folder_is_not_overwritten(inputs, tmp_path, capsys):
 PREFLIGHT = r"""
 import contextlib, io, json, os, sys
 import ray
-from pipeline import cli
+from hip_pipeline import main as cli
 tmp = sys.argv[1]
 os.makedirs(f"{tmp}/empty/cls"); open(f"{tmp}/empty/cls/notes.txt", "w").write("x")
 os.makedirs(f"{tmp}/ok/cls"); open(f"{tmp}/ok/cls/a.png", "wb").write(b"x")

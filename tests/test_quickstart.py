@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 
-from pipeline import cli, tracking
-from pipeline.cli_quickstart import EXPERIMENT, STAGE_TAG
+from hip_pipeline import main as cli
+from hip_pipeline.quickstart import EXPERIMENT, STAGE_TAG
+from pipeline import tracking
 
 
 def test_quickstart_small_runs_every_stage_and_reuses_them(ray_session, tmp_path, capsys):

@@ -113,7 +113,7 @@ def test_the_cli_rejects_an_invalid_space_in_one_line_without_starting_ray(tmp_p
         "space": {"model.overrides.width_mult": {"grid": [1.0, 0.3]}}}))
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "sweep", "--config", str(path),
+        [sys.executable, "-m", "hip_pipeline.main", "sweep", "--config", str(path),
          f"data.path={data}", f"storage.path={tmp_path / 'ck'}"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr

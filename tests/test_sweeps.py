@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import cli, tracking
+from hip_pipeline import main as cli
+from pipeline import tracking
 from pipeline.config import load_config
 from pipeline.train_config import TrainConfig
 
@@ -219,7 +220,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
         "space": {"optim.lr": {"grid": [2e-3, 1e-3]}},
         "scheduler": {"type": "none"}, "resources": {"max_concurrent": 1}}))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [sys.executable, "-m", "pipeline.cli", "sweep", "--config", str(sweep),
+    args = [sys.executable, "-m", "hip_pipeline.main", "sweep", "--config", str(sweep),
             f"data.path={image_shards}", f"tracking.uri={uri}", f"storage.path={tmp_path}/ck"]
     # The driver joins the session's Ray, so killing it is what a crashed driver looks like
     # to the cluster (its job's actors die), without starting a second Ray on 2 cores.

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from netutil import free_port, serving
 
-from pipeline import cli, tracking
+from hip_pipeline import main as cli
+from pipeline import tracking
 from pipeline.train import INIT_TENSORS_TAG
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -120,7 +120,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
 
 
 def _hip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "hip_pipeline.main", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

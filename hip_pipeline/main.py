@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.set_defaults(func=cmd_sample_data)
 
-    from pipeline import cli_quickstart, cli_sweep, cli_train
+    from hip_pipeline import quickstart as cli_quickstart
+    from hip_pipeline import sweep as cli_sweep
+    from hip_pipeline import train as cli_train
 
     cli_train.add_parsers(sub, UsageError)
     cli_sweep.add_parsers(sub, UsageError)
