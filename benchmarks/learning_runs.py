@@ -83,8 +83,8 @@ def preprocess(data: Path, out: Path, modality: str, overrides: list[str],
 
 
 def read_split(root: Path, manifest: dict[str, Any], split: str) -> Split:
-    """All rows of a split from the manifest's shard files; tensor columns decoded by hand
-    from their fixed-size-binary bytes (dtype and shape from the manifest)."""
+    """All rows of a split from the manifest's shard files; tensor columns decoded from
+    their raw bytes (shards.tensor_to_numpy; dtype and shape from the manifest)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -98,10 +98,7 @@ def read_split(root: Path, manifest: dict[str, Any], split: str) -> Split:
         table = pq.read_table(path, columns=[*schema, "label"],
                               filesystem=shards.arrow_filesystem(fs))
         for name, (dtype, shape) in schema.items():
-            col = table.column(name).combine_chunks()
-            n, width = len(col), col.type.byte_width
-            raw = np.frombuffer(col.buffers()[1], np.uint8, n * width, col.offset * width)
-            parts[name].append(raw.view(dtype).reshape(n, *shape).copy())
+            parts[name].append(shards.tensor_to_numpy(table.column(name), dtype, shape).copy())
         labels.append(table.column("label").to_numpy().astype(np.int64))
     if not labels:
         raise ValueError(f"split {split!r} of {root} has no shard files")

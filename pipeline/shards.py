@@ -164,6 +164,19 @@ def tensor_column_schema(manifest: dict[str, Any]) -> TensorSchema:
             for name, c in manifest["columns"].items() if c["shape"]}
 
 
+def tensor_to_numpy(col: pa.Array | pa.ChunkedArray, dtype: np.dtype,
+                    shape: tuple[int, ...]) -> np.ndarray:
+    """A raw-byte tensor column -> (N, *shape) array: a zero-copy, read-only view of the
+    value buffer (copy it to write)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n, width = len(col), col.type.byte_width
+    if n == 0:
+        return np.empty((0, *shape), dtype)
+    raw = np.frombuffer(col.buffers()[1], np.uint8, n * width, col.offset * width)
+    return raw.view(dtype).reshape(n, *shape)
+
+
 def tensors_from_arrow(table: pa.Table, tensors: TensorSchema) -> pa.Table:
     """Raw-byte tensor columns present in `table` -> Ray fixed-shape tensor columns
     (B, *shape). Absent columns are skipped, so column projection stays possible (Ray's
@@ -173,13 +186,7 @@ def tensors_from_arrow(table: pa.Table, tensors: TensorSchema) -> pa.Table:
     for name, (dtype, shape) in tensors.items():
         if name not in table.column_names:
             continue
-        col = table.column(name).combine_chunks()
-        n, width = len(col), col.type.byte_width
-        if n == 0:
-            arr = np.empty((0, *shape), dtype)
-        else:  # zero-copy view of the value buffer, then one copy into Ray's tensor type
-            raw = np.frombuffer(col.buffers()[1], np.uint8, n * width, col.offset * width)
-            arr = raw.view(dtype).reshape(n, *shape)
+        arr = tensor_to_numpy(table.column(name), dtype, shape)  # one copy into Ray's type
         table = table.set_column(table.schema.get_field_index(name), name,
                                  ArrowTensorArray.from_numpy(arr))
     return table
