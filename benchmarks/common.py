@@ -22,7 +22,7 @@ def load_avg() -> str:
 def image_shards(workdir: Path, per_class: int) -> Path:
     """The sample images at 64x64 through `hip preprocess`, made once per workdir and size."""
     from hip_pipeline import main as cli
-    from pipeline.sample_data import write_sample_data
+    from pipeline.data.sample_data import write_sample_data
 
     raw, shards = workdir / f"raw-{per_class}", workdir / f"shards-{per_class}" / "image"
     if not (shards / "manifest.json").exists():

@@ -181,7 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_configs(args: argparse.Namespace):
     from pipeline.config import load_config
-    from pipeline.train_config import TrainConfig
+    from pipeline.train.config import TrainConfig
 
     def cfg(path, task, extra, steps, values=None):
         vals = {"task": task, **({"trainer.steps": steps} if steps else {}), **(values or {})}

@@ -42,7 +42,7 @@ class Split:
 
 def sample_folder(workdir: Path, modality: str, per_class: int) -> Path:
     """The embedded sample data (images drawn at 64 px, audio 16 kHz 1 s), written once."""
-    from pipeline.sample_data import write_sample_data
+    from pipeline.data.sample_data import write_sample_data
 
     raw = workdir / f"sample-{per_class}"
     done = raw / f".done-{modality}"
@@ -56,15 +56,16 @@ def sample_folder(workdir: Path, modality: str, per_class: int) -> Path:
 def preprocess(data: Path, out: Path, modality: str, overrides: list[str],
                log: Callable[[str], None]) -> dict[str, Any]:
     """Shards of `data` at `out` through the real run_preprocess; reused if a manifest exists."""
-    from pipeline import shards
+    from pipeline.data import layout
 
-    if (out / shards.MANIFEST).exists():
+    if (out / layout.MANIFEST).exists():
         log(f"reusing shards {out}")
-        return shards.read_manifest(str(out))
+        return layout.read_manifest(str(out))
     import ray
 
-    from pipeline.config import PreprocessConfig, load_config
-    from pipeline.preprocess import run_preprocess
+    from pipeline.config import load_config
+    from pipeline.data.config import PreprocessConfig
+    from pipeline.data.preprocess import run_preprocess
 
     cfg = load_config(PreprocessConfig, None, overrides,
                       {"modality": modality, "input": str(data), "output": str(out)})
@@ -84,21 +85,22 @@ def preprocess(data: Path, out: Path, modality: str, overrides: list[str],
 
 def read_split(root: Path, manifest: dict[str, Any], split: str) -> Split:
     """All rows of a split from the manifest's shard files; tensor columns decoded from
-    their raw bytes (shards.tensor_to_numpy; dtype and shape from the manifest)."""
+    their raw bytes (codec.tensor_to_numpy; dtype and shape from the manifest)."""
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline import shards
+    from pipeline import storage
+    from pipeline.data import codec, layout
 
-    schema = shards.tensor_column_schema(manifest)
+    schema = codec.tensor_column_schema(manifest)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in schema}
     labels: list[np.ndarray] = []
-    for uri in shards.shard_uris(str(root), split, manifest):
-        fs, path = shards.resolve(uri)
+    for uri in layout.shard_uris(str(root), split, manifest):
+        fs, path = storage.resolve(uri)
         table = pq.read_table(path, columns=[*schema, "label"],
-                              filesystem=shards.arrow_filesystem(fs))
+                              filesystem=storage.arrow_filesystem(fs))
         for name, (dtype, shape) in schema.items():
-            parts[name].append(shards.tensor_to_numpy(table.column(name), dtype, shape).copy())
+            parts[name].append(codec.tensor_to_numpy(table.column(name), dtype, shape).copy())
         labels.append(table.column("label").to_numpy().astype(np.int64))
     if not labels:
         raise ValueError(f"split {split!r} of {root} has no shard files")
@@ -134,7 +136,7 @@ def evaluate(model, cfg, spec, val: Split, batch_size: int = 128) -> tuple[float
     import torch
     import torch.nn.functional as F
 
-    from pipeline.batches import to_model_input
+    from pipeline.train.batches import to_model_input
 
     model.eval()
     gen = torch.Generator().manual_seed(1234)  # the same MAE masks at every evaluation
@@ -163,8 +165,8 @@ def train(cfg, manifest, train_split: Split, val: Split, *, seed: int,
     import torch.nn.functional as F
 
     from models import load_mae_weights
-    from pipeline.batches import input_spec, to_model_input
-    from pipeline.train import build_model, lr_factor, make_optimizer
+    from pipeline.train.batches import input_spec, to_model_input
+    from pipeline.train.loop import build_model, lr_factor, make_optimizer
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -241,7 +243,7 @@ def raw_features(split: Split, kind: str) -> np.ndarray:
     """Raw inputs as a (N, F) float matrix: pixels / samples, or log-spectrogram features."""
     import torch
 
-    from pipeline.config import AUDIO_INT16_SCALE
+    from pipeline.data.config import AUDIO_INT16_SCALE
 
     if kind == "raw":
         return torch.cat([v.reshape(len(split), -1).float() for v in split.tensors.values()],
@@ -262,8 +264,8 @@ def frozen_features(cfg, manifest, split: Split, *, seed: int,
     import torch
 
     from models import load_mae_weights
-    from pipeline.batches import input_spec, to_model_input
-    from pipeline.train import build_model
+    from pipeline.train.batches import input_spec, to_model_input
+    from pipeline.train.loop import build_model
 
     torch.manual_seed(seed)
     spec = input_spec(manifest)

@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import load_avg, machine
-from pipeline.config import PreprocessConfig, load_config
-from pipeline.decode import DecodeSpec, decode_batch
-from pipeline.listing import list_inputs
-from pipeline.preprocess import run_preprocess
-from pipeline.sample_data import write_sample_data
+from pipeline.config import load_config
+from pipeline.data.config import PreprocessConfig
+from pipeline.data.decode import DecodeSpec, decode_batch
+from pipeline.data.listing import list_inputs
+from pipeline.data.preprocess import run_preprocess
+from pipeline.data.sample_data import write_sample_data
 
 GEN = {  # what the generated raw files look like
     "image": {"image_size": 256},

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(shards: Path, workdir: Path, workers: int, steps: int) -> dict[str, float]:
     from pipeline import tracking
     from pipeline.config import load_config
-    from pipeline.launch import run_training
-    from pipeline.train_config import TrainConfig
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.driver import run_training
 
     uri = f"sqlite:///{workdir}/mlflow.db"
     cfg = load_config(TrainConfig, ROOT / "configs" / "quickstart-pretrain.yaml", [

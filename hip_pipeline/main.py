@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-MODALITIES = ("image", "audio", "video", "audio+video")
+from pipeline.constants import MODALITIES
 
 
 class UsageError(Exception):
@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from pipeline.config import PreprocessConfig, load_config
-    from pipeline.preprocess import PreflightError, run_preprocess
+    from pipeline.config import load_config
+    from pipeline.data.config import PreprocessConfig
+    from pipeline.data.preprocess import PreflightError, run_preprocess
 
     # Flags are typed values, not YAML: `--input yes` is the folder "yes".
     flags = {"modality": args.modality, "input": args.input, "output": args.output,
@@ -75,7 +76,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:
-    from pipeline.sample_data import write_sample_data
+    from pipeline.data.sample_data import write_sample_data
 
     if args.per_class < 1:
         raise UsageError("--per-class must be >= 1")

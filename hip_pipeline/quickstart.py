@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.constants import MODALITIES
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "hip-quickstart"
 STAGE_TAG = "hip.quickstart_stage"
@@ -80,7 +82,7 @@ def run_quickstart(workdir: Path, *, small: bool = False, log=print) -> int:
     stages = _Stages(log)
     stages.run("sample data", lambda: _sample_data(data / "raw", scale))
     init_ray()
-    for modality in ("image", "audio", "video", "audio+video"):
+    for modality in MODALITIES:
         stages.run(f"preprocess {modality}", lambda m=modality: _preprocess(data, m, scale))
     common = [f"data.path={data / 'shards' / 'image'}", f"tracking.uri={uri}",
               f"storage.path={runs / 'checkpoints'}", f"tracking.experiment={EXPERIMENT}",
@@ -118,7 +120,7 @@ def _both(first: Callable[[], tuple], second: Callable[[], tuple]):
 
 
 def _sample_data(out: Path, scale: dict[str, Any]):
-    from pipeline.sample_data import write_sample_data
+    from pipeline.data.sample_data import write_sample_data
 
     if (out / "image").is_dir() and any((out / "image").iterdir()):
         return None, "(reused)"
@@ -130,8 +132,9 @@ def _sample_data(out: Path, scale: dict[str, Any]):
 
 
 def _preprocess(data: Path, modality: str, scale: dict[str, Any]):
-    from pipeline.config import PreprocessConfig, load_config
-    from pipeline.preprocess import PreflightError, run_preprocess
+    from pipeline.config import load_config
+    from pipeline.data.config import PreprocessConfig
+    from pipeline.data.preprocess import PreflightError, run_preprocess
 
     src = "video" if modality == "audio+video" else modality
     overrides = [f"image.size={scale['image_size']}", *scale["audio"], *scale["video"]]
@@ -154,8 +157,8 @@ def _train(stage: str, config: str, overrides: list[str], uri: str):
     """Run a training stage unless a finished run of the same stage and config exists."""
     from pipeline import tracking
     from pipeline.config import config_hash, load_config
-    from pipeline.launch import run_training
-    from pipeline.train_config import TrainConfig
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.driver import run_training
 
     cfg = load_config(TrainConfig, ROOT / "configs" / config, overrides)
     key = config_hash(cfg)

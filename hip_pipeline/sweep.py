@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"  # TrainConfig's default
+from pipeline.constants import DEFAULT_TRACKING_URI
 
 
 def add_parsers(sub, usage_error: type[Exception]) -> None:
@@ -46,7 +46,7 @@ def add_parsers(sub, usage_error: type[Exception]) -> None:
 
 def _sweep(usage_error: type[Exception]):
     def run(args: argparse.Namespace) -> int:
-        from pipeline.launch import JobError
+        from pipeline.train.driver import JobError
         from sweeps.driver import SweepError, plan_sweep, run_sweep
 
         plan = plan_sweep(args.config, args.overrides)  # ConfigError: one line, exit 2
@@ -85,7 +85,7 @@ def _sweep(usage_error: type[Exception]):
 def _compare(usage_error: type[Exception]):
     def run(args: argparse.Namespace) -> int:
         from pipeline.config import load_config
-        from pipeline.train_config import TrainConfig, resolve_paths
+        from pipeline.train.config import TrainConfig, resolve_paths
         from sweeps.compare import CompareError, compare
 
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI

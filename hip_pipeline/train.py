@@ -25,8 +25,8 @@ def add_parsers(sub, usage_error: type[Exception]) -> None:
 def _command(task: str, usage_error: type[Exception]):
     def run(args: argparse.Namespace) -> int:
         from pipeline.config import load_config
-        from pipeline.launch import JobError, run_training
-        from pipeline.train_config import TrainConfig
+        from pipeline.train.config import TrainConfig
+        from pipeline.train.driver import JobError, run_training
 
         values = {"task": task}
         if getattr(args, "init_from", None):

@@ -5,7 +5,7 @@ TrialReport       TuneReportCallback that holds back the run's last report. Tune
                   trial actor; the last report is therefore sent by the trial itself after
                   run_training has closed the MLflow run and uploaded the final checkpoint.
 PlacementGroupReaper
-                  (pipeline/pg_reaper.py) frees the placement group of a trial ASHA killed.
+                  (pipeline/train/pg_reaper.py) frees the placement group of a trial ASHA killed.
 """
 
 from __future__ import annotations

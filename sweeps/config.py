@@ -21,23 +21,23 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import (
+    DOTTED_KEY,
     ConfigError,
     StrictModel,
-    format_errors,
     parse_override,
     read_yaml,
     set_dotted,
+    validate,
 )
-from pipeline.train_config import TrainConfig
+from pipeline.train.config import TrainConfig
 
 KINDS = ("pretrain", "finetune", "pretrain-then-finetune")
 DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Infrastructure, not hyperparameters: a trial's task, tracking and storage are the sweep's.
 UNSWEEPABLE = ("task", "tracking", "storage", "finetune")
-_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -144,7 +144,7 @@ class SweepConfig(StrictModel):
     @classmethod
     def _dotted_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         for key in v:
-            if not _KEY.match(key):
+            if not DOTTED_KEY.match(key):
                 raise ValueError(f"key {key!r} must be a dotted job-config path")
         return v
 
@@ -152,7 +152,7 @@ class SweepConfig(StrictModel):
     @classmethod
     def _space_keys(cls, v: dict[str, Dim]) -> dict[str, Dim]:
         for key in v:
-            if not _KEY.match(key):
+            if not DOTTED_KEY.match(key):
                 raise ValueError(f"key {key!r} must be a dotted job-config path")
             if key.split(".")[0] in UNSWEEPABLE:
                 raise ValueError(f"{key} cannot be swept: {', '.join(UNSWEEPABLE)} belong to "
@@ -200,11 +200,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
             job.append(text)
         else:
             set_dotted(data, key, value)
-    try:
-        sweep = SweepConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"invalid sweep {path}: {format_errors(e, SweepConfig)}") from None
-    return sweep, job
+    return validate(SweepConfig, data, f"invalid sweep {path}"), job
 
 
 def base_path(sweep_file: str | Path, sweep: SweepConfig) -> Path:
@@ -247,10 +243,7 @@ def trial_config(base: dict[str, Any], values: dict[str, Any], *, sweep: SweepCo
 
 
 def _validate(data: dict[str, Any], where: str) -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {format_errors(e, TrainConfig)}") from None
+    return validate(TrainConfig, data, where)
 
 
 def check_against_base(sweep: SweepConfig, base: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """`hip sweep`: plan (no Ray), then a Ray Tune Tuner over sweeps.trial.train_trial.
 
 plan_sweep   loads the sweep YAML and its base job config, checks every enumerable point
-             of the space (pipeline.launch.preflight on the meta device) and refuses an
+             of the space (pipeline.train.driver.preflight on the meta device) and refuses an
              invalid space with one line before Ray starts.
 run_sweep    opens (or, with resume, reopens) the MLflow parent run, runs the Tuner with ASHA
              (or no scheduler), max_concurrent_trials from the cluster's resources and
@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import shards, tracking
+from pipeline import storage, tracking
 from pipeline.config import ConfigError, config_to_dict
-from pipeline.train_config import TrainConfig, resolve_paths
+from pipeline.constants import MLFLOW_TAG_LIMIT
+from pipeline.train.config import TrainConfig, resolve_paths
 from sweeps.config import SweepConfig, base_dict, check_against_base, load_sweep, trial_config
 from sweeps.outcomes import TrialOutcome, close_trials, pick_best, record_summary
 from sweeps.space import Invalid, check_space, format_point, grid_size, points
@@ -55,7 +56,7 @@ class SweepPlan:
 
     @property
     def tune_dir(self) -> str:
-        return shards.join(self.sweep_dir, "tune")
+        return storage.join(self.sweep_dir, "tune")
 
     def scored_config(self) -> TrainConfig:
         return trial_config(self.base, {}, sweep=self.sweep,
@@ -80,8 +81,8 @@ def plan_sweep(sweep_file: str | Path, overrides: list[str] = ()) -> SweepPlan:
     sweep, job_overrides = load_sweep(sweep_file, list(overrides))
     raw = base_dict(sweep_file, sweep, job_overrides)
     cfg = resolve_paths(TrainConfig.model_validate(raw))
-    sweep_dir = shards.join(cfg.storage.path, sweep.name)
-    cfg.storage.path = shards.join(sweep_dir, "train")
+    sweep_dir = storage.join(cfg.storage.path, sweep.name)
+    cfg.storage.path = storage.join(sweep_dir, "train")
     base = config_to_dict(cfg)
     check_against_base(sweep, base)
     invalid = check_space(sweep, base)
@@ -144,8 +145,8 @@ def ingest_warning(plan: SweepPlan, cluster: dict[str, float], n: int) -> str | 
 
 
 def _read_state(plan: SweepPlan) -> dict[str, Any] | None:
-    uri = shards.join(plan.sweep_dir, STATE_FILE)
-    return shards.read_json(uri) if shards.exists(uri) else None
+    uri = storage.join(plan.sweep_dir, STATE_FILE)
+    return storage.read_json(uri) if storage.exists(uri) else None
 
 
 def _space_json(sweep: SweepConfig) -> dict[str, Any]:
@@ -172,7 +173,7 @@ def _open_parent(plan: SweepPlan, max_concurrent: int) -> str:
             "hip.sweep_dir": plan.sweep_dir, "mlflow.source.git.commit": tracking.git_commit()}
     if plan.invalid:
         tags["hip.invalid_points"] = "; ".join(
-            f"{format_point(i.point)}: {i.reason}" for i in plan.invalid)[:4000]
+            f"{format_point(i.point)}: {i.reason}" for i in plan.invalid)[:MLFLOW_TAG_LIMIT]
     return tracking.start_run(
         plan.uri, plan.experiment, run_name=f"sweep-{s.name}", params=params,
         tags={**tracking.source_tags("hip sweep"), **tags},
@@ -203,10 +204,10 @@ def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
 
     from sweeps.space import to_tune
 
-    storage = shards.storage_kwargs(plan.sweep_dir)
-    tune_path = plan.tune_dir if shards.is_local(plan.tune_dir) else \
-        shards.join(storage["storage_path"], "tune")
-    fs = storage.get("storage_filesystem")
+    where = storage.storage_kwargs(plan.sweep_dir)
+    tune_path = plan.tune_dir if storage.is_local(plan.tune_dir) else \
+        storage.join(where["storage_path"], "tune")
+    fs = where.get("storage_filesystem")
     if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
         log(f"[hip] resuming Tune experiment {plan.tune_dir}")
         return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,
@@ -236,7 +237,7 @@ def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
             num_samples=s.num_samples, max_concurrent_trials=limit,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
-            name="tune", **storage, verbose=1,
+            name="tune", **where, verbose=1,
             failure_config=tune.FailureConfig(max_failures=s.max_failures)))
 
 
@@ -272,9 +273,9 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
         tracking.set_tags(plan.uri, parent, {"hip.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     else:
         parent = _open_parent(plan, max_concurrent)
-        if shards.is_local(plan.sweep_dir):
+        if storage.is_local(plan.sweep_dir):
             Path(plan.sweep_dir).mkdir(parents=True, exist_ok=True)
-        shards.write_json(shards.join(plan.sweep_dir, STATE_FILE), {
+        storage.write_json(storage.join(plan.sweep_dir, STATE_FILE), {
             "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
             "sweep_file": plan.sweep_file, "space": _space_json(s),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")})

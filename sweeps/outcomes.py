@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import tracking
 from pipeline.config import config_to_dict
+from pipeline.constants import MLFLOW_TAG_LIMIT
 from sweeps.config import trial_config
 from sweeps.space import format_point
 from sweeps.trial import STATUS_TAG, stages, trial_runs
@@ -73,7 +74,7 @@ def close_trials(plan: SweepPlan, parent: str, grid) -> list[TrialOutcome]:
             elif status == "INTERRUPTED":
                 tags["hip.interrupted"] = "true"
             if error:
-                tags["hip.error"] = error[:4000]
+                tags["hip.error"] = error[:MLFLOW_TAG_LIMIT]
             tracking.set_tags(plan.uri, r.info.run_id, tags)
             # A stopped trial's run is RUNNING (actor killed) or FAILED (its trainer saw the
             # trial's queue vanish first): either way it was stopped, so KILLED.
@@ -121,7 +122,7 @@ def record_summary(plan: SweepPlan, parent: str, trials: list[TrialOutcome],
         tracking.log_metrics(plan.uri, parent, {f"best_{s.metric}": best.metric}, step=0)
         tracking.set_tags(plan.uri, parent, {
             "hip.best_trial": best.trial_id, "hip.best_run_id": best.run_id or "",
-            "hip.best_params": json.dumps(best.values, default=str)[:4000]})
+            "hip.best_params": json.dumps(best.values, default=str)[:MLFLOW_TAG_LIMIT]})
         header = (f"# best trial {best.trial_id} of sweep {s.name}: {s.metric} = "
                   f"{best.metric:.6g}\n# {format_point(best.values)}\n")
         cfg = trial_config(plan.base, best.values, sweep=s)

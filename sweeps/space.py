@@ -2,7 +2,7 @@
 
 Tune's param_space is flat: {dotted job-config key: domain}; a trial's config is the same
 keys with sampled values. `check_space` builds every enumerable point's job config and model
-(on the meta device, through pipeline.launch.preflight), so a group count larger than the
+(on the meta device, through pipeline.train.driver.preflight), so a group count larger than the
 sequence or a width the heads do not divide is found in seconds, without Ray.
 """
 
@@ -70,7 +70,7 @@ class Invalid:
 
 def check_point(sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any]) -> str | None:
     """Why this point cannot run (config, data or model shapes), or None if it can."""
-    from pipeline.launch import JobError, preflight
+    from pipeline.train.driver import JobError, preflight
 
     stages = ["first", "finetune"] if sweep.kind == "pretrain-then-finetune" else ["first"]
     for stage in stages:

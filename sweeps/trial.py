@@ -1,4 +1,4 @@
-"""One Tune trial: build the trial's job config and run it with pipeline.launch.run_training.
+"""One Tune trial: build the trial's job config and run it with pipeline.train.driver.run_training.
 
 `train_trial(config, setup)` is the Tune function trainable (the Train V2 + Tune pattern: a
 driver function that builds and fits one TorchTrainer per trial). `config` holds the sampled
@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import ConfigError
+from pipeline.constants import MLFLOW_TAG_LIMIT
 from sweeps.config import SweepConfig, trial_config
 
 ROLE_TAG = "hip.role"  # "sweep" on the parent run, "trial" on child runs
@@ -31,7 +32,6 @@ STATUS_TAG = "hip.sweep_status"  # FINISHED | EARLY_STOPPED | PRUNED | FAILED | 
 PARAMS_TAG = "hip.sweep_params"  # JSON of the trial's sampled values
 SUPERSEDED_TAG = "hip.superseded"  # a run left behind by a restarted trial
 REPORTED = ("loss", "val_loss", "val_accuracy", "lr", "step")
-MAX_TAG_LEN = 4000
 
 
 def stages(sweep: SweepConfig) -> list[str]:
@@ -78,7 +78,7 @@ def _record_pruned(uri: str, experiment: str, parent_run_id: str, run_name: str,
     """A child run for a point that cannot run: params, the reason, status KILLED."""
     run_id = tracking.start_run(
         uri, experiment, run_name=run_name, params=values, parent_run_id=parent_run_id,
-        tags={**tags, "hip.pruned": "true", "hip.prune_reason": reason[:MAX_TAG_LEN],
+        tags={**tags, "hip.pruned": "true", "hip.prune_reason": reason[:MLFLOW_TAG_LIMIT],
               STATUS_TAG: "PRUNED"},
         artifacts={"pruned.txt": reason + "\n"})
     tracking.end_run(uri, run_id, "KILLED")
@@ -91,7 +91,7 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     import ray.data
     from ray import tune
 
-    from pipeline.launch import JobError, run_training
+    from pipeline.train.driver import JobError, run_training
     from sweeps.callbacks import TrialReport
     from sweeps.space import check_point
 
@@ -104,7 +104,7 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     values = {k: config[k] for k in sweep.space}
     run_name = f"{sweep.name}-{trial_id}"
     tags = {ROLE_TAG: "trial", "hip.sweep": sweep.name, TRIAL_TAG: trial_id,
-            PARAMS_TAG: json.dumps(values, default=str)[:MAX_TAG_LEN]}
+            PARAMS_TAG: json.dumps(values, default=str)[:MLFLOW_TAG_LIMIT]}
 
     def log(msg: str) -> None:
         print(f"[hip sweep {trial_id}] {msg}", flush=True)

@@ -49,7 +49,7 @@ def ray_session():
 def sample_dir(tmp_path_factory) -> Path:
     """The embedded sample dataset (real PNG / WAV / MP4 files), written once per session:
     <dir>/image/<class>/*.png, <dir>/audio/<class>/*.wav, <dir>/video/<class>/*.mp4."""
-    from pipeline.sample_data import write_sample_data
+    from pipeline.data.sample_data import write_sample_data
 
     out = tmp_path_factory.mktemp("sample")
     counts = write_sample_data(out, per_class=SAMPLE_PER_CLASS, seed=0, image_size=48,
@@ -64,7 +64,7 @@ def image_shards(ray_session, tmp_path_factory) -> Path:
     """60 sample images preprocessed to 16x16 shards (train + val) for the training tests:
     enough rows for 2 workers x batch 8."""
     from hip_pipeline import main as cli
-    from pipeline.sample_data import write_sample_data
+    from pipeline.data.sample_data import write_sample_data
 
     raw = tmp_path_factory.mktemp("train-sample")
     write_sample_data(raw, per_class=6, seed=1, modalities=("image",), image_size=16)

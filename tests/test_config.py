@@ -9,14 +9,8 @@ import yaml
 from pydantic import ValidationError
 
 from hip_pipeline import main as cli
-from pipeline.config import (
-    ConfigError,
-    PreprocessConfig,
-    config_hash,
-    config_to_dict,
-    load_config,
-    parse_override,
-)
+from pipeline.config import ConfigError, config_hash, config_to_dict, load_config, parse_override
+from pipeline.data.config import PreprocessConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -153,7 +147,7 @@ def test_cli_config_errors_are_one_line(capsys):
 
 def test_decode_batch_rows_bounds():
     """Files per decode task: batch_size, block_mb, >= 2 tasks per worker, one file."""
-    from pipeline.preprocess import TASKS_PER_WORKER, batch_rows
+    from pipeline.data.preprocess import TASKS_PER_WORKER, batch_rows
 
     cfg = load()
     image, audio, video = 224 * 224 * 3 + 200, 122_880 * 4 + 200, 8 * 224 * 224 * 3 + 200

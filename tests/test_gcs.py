@@ -16,7 +16,8 @@ import pytest
 from netutil import free_port, serving
 
 from hip_pipeline import main as cli
-from pipeline import shards
+from pipeline import storage
+from pipeline.data import layout, reader
 
 pytestmark = pytest.mark.integration
 BUCKET = "hip-test"
@@ -38,7 +39,7 @@ def emulator(tmp_path_factory):
 def gcs(emulator, monkeypatch):
     """gcsfs pointed at the emulator (credentials: anonymous, from the environment only)."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
-    fs, _ = shards.resolve(f"gs://{BUCKET}")
+    fs, _ = storage.resolve(f"gs://{BUCKET}")
     return fs
 
 
@@ -51,7 +52,7 @@ def test_preprocess_gcs_both_directions(gcs, sample_dir, ray_session, tmp_path, 
 
     args = ["preprocess", "--modality", "image", "--input", raw, "--output", out, *TINY]
     assert cli.main(args) == 0
-    m = shards.read_manifest(out)
+    m = layout.read_manifest(out)
     assert (m["inputs"], m["accepted"], m["rejected"]) == (n_good + 1, n_good, 1)
     assert m["rejects_by_reason"] == {"not_media": 1}
     assert not gcs.exists(f"{BUCKET}/shards/_HIP_INCOMPLETE")
@@ -61,7 +62,7 @@ def test_preprocess_gcs_both_directions(gcs, sample_dir, ray_session, tmp_path, 
 
     import ray.data
 
-    train = shards.open_shards(out, "train").take_batch(100, batch_format="numpy")
+    train = reader.open_shards(out, "train").take_batch(100, batch_format="numpy")
     assert train["image"].shape == (m["splits"]["train"], 32, 32, 3)
     assert train["image"].dtype == np.uint8 and train["image"].any()
     assert all(str(s).startswith(f"{raw}/") for s in train["source"])
@@ -76,8 +77,8 @@ def test_preprocess_gcs_both_directions(gcs, sample_dir, ray_session, tmp_path, 
     local = tmp_path / "local"
     assert cli.main(["preprocess", "--modality", "image", "--input", raw, "--output",
                      str(local), *TINY]) == 0
-    again = shards.read_manifest(str(local))
+    again = layout.read_manifest(str(local))
     # ids and splits hash the path relative to the input root: same rows on disk as in GCS.
     assert again["splits"] == m["splits"] and again["config_hash"] == m["config_hash"]
-    ids = sorted(shards.open_shards(str(local), "val").to_pandas()["id"])
+    ids = sorted(reader.open_shards(str(local), "val").to_pandas()["id"])
     assert ids == sorted(val["id"])

@@ -13,7 +13,7 @@ import yaml
 
 from hip_pipeline.main import build_parser
 from pipeline.config import load_config
-from pipeline.train_config import TrainConfig
+from pipeline.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -73,7 +73,7 @@ def test_dockerfile_installs_this_package():
     packages = project["tool"]["setuptools"]["packages"]
     copied = set(re.findall(r"^COPY (\S+) ", text, flags=re.M))
     assert "pyproject.toml" in copied
-    for pkg in packages:  # a sub-package (pipeline.media) comes with its parent's folder
+    for pkg in packages:  # a sub-package (pipeline.data.media) comes with its parent's folder
         top = pkg.split(".")[0]
         assert top in copied, f"Dockerfile does not copy package {pkg}"
     assert re.search(r"^RUN pip install \. ", text, flags=re.M)

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from hip_pipeline import main as cli
-from pipeline import checkpoints, shards, tracking, train
+from pipeline import tracking
+from pipeline.data import layout
+from pipeline.train import checkpoints, loop
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -67,7 +69,7 @@ def test_a_tiny_hip_learns_a_separable_task_to_well_above_chance(one_thread):
     after 200 steps, and the loss falls from ~ln 4. Catches a model whose output ignores its
     input, a broken backward pass or a head that does not train."""
     from models import create_model
-    from pipeline.batches import to_model_input
+    from pipeline.train.batches import to_model_input
 
     torch.manual_seed(0)
     size = 8
@@ -146,7 +148,7 @@ def test_hip_finetune_on_ray_learns_a_separable_task(quadrant_shards, tmp_path):
 
 
 class Interrupted(RuntimeError):
-    """Raised by the test's stand-in for train._maybe_fault: the job dies mid-run."""
+    """Raised by the test's stand-in for loop._maybe_fault: the job dies mid-run."""
 
 
 def test_a_resumed_run_equals_the_uninterrupted_run(image_shards, tmp_path, monkeypatch, capsys,
@@ -168,17 +170,17 @@ def test_a_resumed_run_equals_the_uninterrupted_run(image_shards, tmp_path, monk
               "trainer.steps=8", "trainer.checkpoint_every=4", "trainer.eval_every=4"]
     run_cli(*common, "tracking.run_name=straight")
 
-    real_fault = train._maybe_fault
+    real_fault = loop._maybe_fault
 
     def fault(rank: int, step: int) -> None:
         if step == 6:  # after step 6's update, before its log and report
             raise Interrupted(f"killed in step {step}")
         real_fault(rank, step)
 
-    monkeypatch.setattr(train, "_maybe_fault", fault)
+    monkeypatch.setattr(loop, "_maybe_fault", fault)
     with pytest.raises(Interrupted):
         cli.main([*common, "tracking.run_name=resumed"])
-    monkeypatch.setattr(train, "_maybe_fault", real_fault)
+    monkeypatch.setattr(loop, "_maybe_fault", real_fault)
     capsys.readouterr()
     run_cli(*common, "tracking.run_name=resumed")
     assert "[hip] resumed from step 4" in capsys.readouterr().out
@@ -204,7 +206,7 @@ def test_a_resumed_run_equals_the_uninterrupted_run(image_shards, tmp_path, monk
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=1e-6, msg=k)
     # The data stream: 8 batches consumed, across an epoch (Ray Data execution) boundary.
-    per_epoch = shards.read_manifest(str(image_shards))["splits"]["train"] // 8
+    per_epoch = layout.read_manifest(str(image_shards))["splits"]["train"] // 8
     assert b["data"] == a["data"]
     assert a["data"]["epoch"] * per_epoch + a["data"]["batch"] == 8
     assert checkpoints.load_state(tmp_path / "ck" / "resumed" / "checkpoint_000004" /
@@ -212,10 +214,10 @@ def test_a_resumed_run_equals_the_uninterrupted_run(image_shards, tmp_path, monk
 
 
 def test_the_train_stream_resumes_across_epochs():
-    """train._batches with a saved position continues exactly where the interrupted stream
+    """loop._batches with a saved position continues exactly where the interrupted stream
     would have: inside an epoch, at an epoch's last batch and in a later epoch (the local
     shuffle seed follows the epoch). A fake shard: batch i of epoch e is (seed, i)."""
-    from pipeline.train_config import TrainConfig
+    from pipeline.train.config import TrainConfig
 
     class Shard:
         def iter_torch_batches(self, *, drop_last, batch_size, device, local_shuffle_seed,
@@ -223,10 +225,10 @@ def test_the_train_stream_resumes_across_epochs():
             for i in range(3):  # 3 batches per epoch
                 yield {"image": torch.tensor([local_shuffle_seed, i]), "other": torch.zeros(1)}
 
-    ctx = train._Ctx(TrainConfig(), {}, None, rank=0, world=1, device=torch.device("cpu"))
+    ctx = loop._Ctx(TrainConfig(), {}, None, rank=0, world=1, device=torch.device("cpu"))
 
     def stream(position=None):
-        return train._batches(Shard(), ctx, ["image"], train=True, position=position)
+        return loop._batches(Shard(), ctx, ["image"], train=True, position=position)
 
     straight = [tuple(b["image"].tolist()) for _, b in zip(range(10), stream(), strict=False)]
     assert straight[:4] == [(0, 0), (0, 1), (0, 2), (1000, 0)]  # epoch 1's seed differs
@@ -248,7 +250,7 @@ def test_finetune_init_from_an_mae_run_starts_from_its_encoder_tensors(
     local mode: the classifier's weights when the optimizer is built (before step 1) equal
     the MAE run's final checkpoint for every tensor they share, and the job says how many
     tensors it loaded. The seeds differ so that an unloaded classifier cannot match."""
-    from pipeline.train_config import TrainConfig
+    from pipeline.train.config import TrainConfig
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = [f"data.path={image_shards}", f"tracking.uri={uri}", f"storage.path={tmp_path}/ck",
@@ -261,14 +263,14 @@ def test_finetune_init_from_an_mae_run_starts_from_its_encoder_tensors(
     capsys.readouterr()
 
     at_start = {}
-    real_make_optimizer = train.make_optimizer
+    real_make_optimizer = loop.make_optimizer
 
     def spy(model, cfg):  # called once the model is built, loaded and prepared
         at_start.update({k: v.detach().clone()
                          for k, v in checkpoints.unwrap(model).state_dict().items()})
         return real_make_optimizer(model, cfg)
 
-    monkeypatch.setattr(train, "make_optimizer", spy)
+    monkeypatch.setattr(loop, "make_optimizer", spy)
     run_cli("finetune", "--config", TINY, "--init-from", pre.info.run_id, *common,
             "tracking.run_name=ft", "trainer.steps=1")
     out = capsys.readouterr().out
@@ -282,10 +284,10 @@ def test_finetune_init_from_an_mae_run_starts_from_its_encoder_tensors(
     assert int(m.group(1)) == len(shared) and m.group(2) == pre.info.run_id
     (ft,) = c.search_runs([c.get_experiment_by_name("hip-tiny").experiment_id],
                           "tags.`hip.task` = 'classify'")
-    assert ft.data.tags[train.INIT_TENSORS_TAG] == str(len(shared))
+    assert ft.data.tags[loop.INIT_TENSORS_TAG] == str(len(shared))
     # A classifier that skipped the load would not match: its own init differs.
     torch.manual_seed(0)  # as the finetune's loop seeds before building (trainer.seed 0)
-    fresh = train.build_model(TrainConfig(task="classify"),
-                              shards.read_manifest(str(image_shards))).state_dict()
+    fresh = loop.build_model(TrainConfig(task="classify"),
+                              layout.read_manifest(str(image_shards))).state_dict()
     differ = [k for k in shared if not torch.equal(fresh[k], mae["model"][k])]
     assert len(differ) > len(shared) // 2

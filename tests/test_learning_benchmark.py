@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 def test_learning_benchmark_prints_every_arm(ray_session, tmp_path, capsys):
     from benchmarks import learning
-    from pipeline.sample_data import write_sample_data
+    from pipeline.data.sample_data import write_sample_data
 
     write_sample_data(tmp_path / "raw", per_class=3, seed=2, modalities=("image",),
                       image_size=16)

@@ -17,7 +17,7 @@ from models.mae import (
     normalise_target,
     per_group_mask,
 )
-from pipeline.train_config import MaeSection
+from pipeline.train.config import MaeSection
 
 
 def _visible_columns(mask: torch.Tensor, side: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""pipeline.media on real files encoded here: shapes, values, and a reason for every bad file."""
+"""pipeline.data.media on real files encoded here: shapes, values, a reason for every bad file."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import soundfile as sf
 from PIL import Image
 from scipy.signal import resample_poly
 
-from pipeline import media
-from pipeline.media import MediaError
+from pipeline.data import media
+from pipeline.data.media import MediaError
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -232,8 +232,8 @@ def test_truncated_images_are_corrupt(fmt):
 def test_int16_audio_storage_rounds_clips_and_training_reads_it_back_within_half_a_step():
     import torch
 
-    from pipeline.batches import to_model_input
-    from pipeline.decode import to_int16
+    from pipeline.data.decode import to_int16
+    from pipeline.train.batches import to_model_input
 
     x = np.array([0.0, 1.0, -1.0, 1.5, -2.0, 0.5 / 32767, 1.5 / 32767, -0.25], np.float32)
     q = to_int16(x)

@@ -1,4 +1,4 @@
-"""The cluster's placement-group reaper (pipeline/pg_reaper.py) on a real local Ray: one
+"""The cluster's placement-group reaper (pipeline/train/pg_reaper.py) on a real local Ray: one
 named actor watches every registered group, removes the group of a controller that died,
 and forgets a group its run removed normally."""
 
@@ -10,7 +10,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from pipeline import pg_reaper  # noqa: E402
+from pipeline.train import pg_reaper  # noqa: E402
 
 
 @ray.remote(num_cpus=0)

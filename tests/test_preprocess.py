@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 
 from hip_pipeline import main as cli
-from pipeline import shards
-from pipeline.preprocess import MARKER
+from pipeline.data import codec, layout, reader
+from pipeline.data.preprocess import MARKER
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def read_split(out: Path, split: str) -> dict[str, np.ndarray]:
     bytes on disk, rebuilt as (B, *shape) arrays from the manifest's shapes."""
     import ray.data
 
-    tensors = shards.tensor_column_schema(shards.read_manifest(str(out)))
+    tensors = codec.tensor_column_schema(layout.read_manifest(str(out)))
     ds = ray.data.read_parquet(str(out / split),
                                tensor_column_schema=tensors if split != "rejects" else None)
     return ds.take_batch(10_000, batch_format="numpy")
@@ -127,7 +127,7 @@ def test_preprocess_modality(modality, inputs, ray_session, tmp_path, capsys):
     rc, stdout, _ = preprocess(capsys, "--modality", modality, "--input", str(folder),
                                "--output", str(out))
     assert rc == 0
-    m = shards.read_manifest(str(out))
+    m = layout.read_manifest(str(out))
     good = len(list(folder.glob("*/*.*")))  # sample files live in class folders
     assert good == 40 and m["inputs"] == good + len(bad)
     assert m["accepted"] == good and m["rejected"] == len(bad)
@@ -195,7 +195,7 @@ def test_manifest_records_config_and_files(inputs, ray_session, tmp_path, capsys
         assert sum(f["rows"] for f in m["files"][split]) == m["splits"][split]
     # open_shards reads exactly the listed files: a stray file in train/ is not read.
     shutil.copy(out / m["files"]["train"][0]["path"], out / "train" / "stray.parquet")
-    ds = shards.open_shards(str(out), "train")
+    ds = reader.open_shards(str(out), "train")
     assert ds.count() == m["splits"]["train"]
     assert ds.take_batch(1, batch_format="numpy")["image"].shape == (1, 32, 32, 3)
 
@@ -209,7 +209,7 @@ def test_labels_csv_and_unlabeled(inputs, ray_session, tmp_path, capsys):
     out = tmp_path / "out"
     assert preprocess(capsys, "--modality", "audio", "--input", str(folder), "--output",
                       str(out), "--labels", str(csv))[0] == 0
-    m = shards.read_manifest(str(out))
+    m = layout.read_manifest(str(out))
     assert m["classes"] == ["0", "1"] and m["labels_unmatched"] == 1
     assert m["label_counts"] == {"0": 3, "1": 3, "(unlabeled)": 34}
     labels = {}
@@ -225,15 +225,16 @@ def test_int16_audio_shards_hold_the_float32_decode_to_half_a_step(inputs, ray_s
                                                                  tmp_path, capsys):
     import torch
 
-    from pipeline.batches import input_spec, to_model_input
-    from pipeline.config import PreprocessConfig, load_config
-    from pipeline.decode import DecodeSpec
+    from pipeline.config import load_config
+    from pipeline.data.config import PreprocessConfig
+    from pipeline.data.decode import DecodeSpec
+    from pipeline.train.batches import input_spec, to_model_input
 
     folder, _ = inputs["audio"]
     out = tmp_path / "out"
     assert preprocess(capsys, "--modality", "audio", "--input", str(folder), "--output",
                       str(out))[0] == 0
-    m = shards.read_manifest(str(out))
+    m = layout.read_manifest(str(out))
     assert m["columns"]["audio"]["dtype"] == "int16" and m["config"]["audio"]["dtype"] == "int16"
     rows = read_split(out, "train")
     assert rows["audio"].dtype == np.int16 and rows["audio"].shape[1:] == (4000,)
@@ -257,16 +258,16 @@ def test_rerun_overwrite_and_crash_recovery(inputs, ray_session, tmp_path, capsy
     out = tmp_path / "out"
     args = ("--modality", "image", "--input", str(folder), "--output", str(out))
     assert preprocess(capsys, *args)[0] == 0
-    first = shards.read_manifest(str(out))
+    first = layout.read_manifest(str(out))
     files = sorted(p.name for p in out.rglob("*.parquet"))
 
     rc, stdout, _ = preprocess(capsys, *args)  # same inputs + config: skipped
     assert rc == 0 and "up to date" in stdout
-    assert shards.read_manifest(str(out))["created"] == first["created"]
+    assert layout.read_manifest(str(out))["created"] == first["created"]
     assert sorted(p.name for p in out.rglob("*.parquet")) == files
 
     assert preprocess(capsys, *args, "--overwrite")[0] == 0  # rewritten, not appended
-    again = shards.read_manifest(str(out))
+    again = layout.read_manifest(str(out))
     assert again["splits"] == first["splits"] and again["rejected"] == first["rejected"]
     assert len(read_split(out, "train")["id"]) == first["splits"]["train"]
     assert not set(files) & {p.name for p in out.rglob("*.parquet")}  # new run, new files
@@ -287,7 +288,7 @@ def test_rerun_overwrite_and_crash_recovery(inputs, ray_session, tmp_path, capsy
     shutil.copy(next((out / "train").glob("*.parquet")), out / "train" / "part-crashed.parquet")
     rc, stdout, _ = preprocess(capsys, *args)
     assert rc == 0 and "up to date" not in stdout
-    m = shards.read_manifest(str(out))
+    m = layout.read_manifest(str(out))
     assert len(read_split(out, "train")["id"]) == m["splits"]["train"] == first["splits"]["train"]
     assert not (out / "train" / "part-crashed.parquet").exists() and not (out / MARKER).exists()
 
@@ -365,7 +366,7 @@ def test_console_script(sample_dir, tmp_path):
            "read.concurrency=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    m = shards.read_manifest(str(out))
+    m = layout.read_manifest(str(out))
     assert m["inputs"] == m["accepted"] == 4 and m["rejected"] == 0
     assert "done: 4 inputs -> 4 accepted" in proc.stdout
     assert m["config"]["image"]["size"] == 16 and m["config"]["read"]["concurrency"] == 2

@@ -1,4 +1,4 @@
-"""pipeline.sample_data: layout, determinism, and that every file decodes to its class."""
+"""pipeline.data.sample_data: layout, determinism, and that every file decodes to its class."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import media
-from pipeline.sample_data import CLASSES, write_sample_data
+from pipeline.data import media
+from pipeline.data.sample_data import CLASSES, write_sample_data
 
 SMALL = {"image_size": 32, "sample_rate": 8_000, "audio_seconds": 0.5, "video_size": 32}
 

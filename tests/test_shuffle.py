@@ -5,7 +5,7 @@ or two classes per file, and training, which shuffles only inside a bounded loca
 then sees batches of nearly one class. Preprocessing therefore writes rows in a seeded random
 order, and training reads the files in a new seeded order every epoch on top of the buffer.
 These tests run the real `hip preprocess` job on a class-folder input and iterate batches
-exactly as a Ray Train worker does (launch._datasets + launch._data_config + train._batches).
+exactly as a Ray Train worker does (driver._datasets + driver._data_config + loop._batches).
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import pytest
 import ray.data
 import torch
 
-from pipeline import launch, shards, train
-from pipeline.config import PreprocessConfig, load_config
-from pipeline.preprocess import run_preprocess, shuffled
-from pipeline.train_config import TrainConfig, resolve_paths
+from pipeline.config import load_config
+from pipeline.data import layout
+from pipeline.data.config import PreprocessConfig
+from pipeline.data.preprocess import run_preprocess, shuffled
+from pipeline.train import driver, loop
+from pipeline.train.config import TrainConfig, resolve_paths
 
 # 10 classes x 120 files = 1,200 rows (~1,080 train): several times the 256-row local shuffle
-# buffer of train._batches, as real datasets are, so the buffer alone cannot mix classes that
+# buffer of loop._batches, as real datasets are, so the buffer alone cannot mix classes that
 # the files keep apart. 8x8 images keep the job to a few seconds.
 PER_CLASS = 120
 BATCH = 32
@@ -39,7 +41,7 @@ def entropy(labels: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def class_folders(tmp_path_factory) -> Path:
     """<raw>/<class>/<class>_<i>.png: ImageFolder layout, 10 classes."""
-    from pipeline.sample_data import write_sample_data
+    from pipeline.data.sample_data import write_sample_data
 
     raw = tmp_path_factory.mktemp("class-folders")
     write_sample_data(raw, per_class=PER_CLASS, seed=3, modalities=("image",), image_size=8)
@@ -67,9 +69,9 @@ def train_config(data: Path, *overrides: str) -> TrainConfig:
 
 
 def resolved(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
-    """launch.preflight's paths and manifest (without its model build: not what is tested)."""
+    """driver.preflight's paths and manifest (without its model build: not what is tested)."""
     cfg = resolve_paths(cfg)
-    return cfg, shards.read_manifest(cfg.data.path)
+    return cfg, layout.read_manifest(cfg.data.path)
 
 
 def worker_batches(cfg: TrainConfig, columns: list[str], epochs: int) -> list[list[dict]]:
@@ -77,12 +79,12 @@ def worker_batches(cfg: TrainConfig, columns: list[str], epochs: int) -> list[li
     and ingest options (DataConfig.configure is what Ray Train calls with them), then the
     training loop's iterator over the worker's dataset."""
     cfg, manifest = resolved(cfg)
-    datasets = launch._datasets(cfg, manifest)
-    (shard,) = launch._data_config(cfg).configure(
+    datasets = driver._datasets(cfg, manifest)
+    (shard,) = driver._data_config(cfg).configure(
         datasets, world_size=1, worker_handles=None, worker_node_ids=None)
-    ctx = train._Ctx(cfg, manifest, None, 0, 1, torch.device("cpu"))
+    ctx = loop._Ctx(cfg, manifest, None, 0, 1, torch.device("cpu"))
     per_epoch = manifest["splits"]["train"] // BATCH  # drop_last
-    it = train._batches(shard["train"], ctx, columns, train=True)
+    it = loop._batches(shard["train"], ctx, columns, train=True)
     return [[next(it) for _ in range(per_epoch)] for _ in range(epochs)]
 
 
@@ -104,10 +106,10 @@ def test_shuffled_is_a_seeded_permutation_independent_of_the_other_rows():
 
 
 def test_every_shard_file_mixes_classes(class_folders, class_shards, tmp_path):
-    manifest = shards.read_manifest(str(class_shards))
+    manifest = layout.read_manifest(str(class_shards))
     assert manifest["shuffle_seed"] == 0 == manifest["config"]["shards"]["shuffle_seed"]
     split = np.concatenate([pq.read_table(u).column("label").to_numpy()
-                            for u in shards.shard_uris(str(class_shards), "train", manifest)])
+                            for u in layout.shard_uris(str(class_shards), "train", manifest)])
     assert len(split) == manifest["splits"]["train"] and entropy(split) > 0.99 * np.log(10)
     assert len(manifest["files"]["train"]) >= 4
     for f in manifest["files"]["train"]:
@@ -134,7 +136,7 @@ def test_training_batches_mix_classes(class_shards, deterministic):
     label entropy of the batches must be close to the split's (uniformly random batches of
     32 from 10 classes reach ~0.94 of it, and these do; listing-order shards gave 0.68)."""
     cfg = train_config(class_shards, f"data.deterministic={str(deterministic).lower()}")
-    manifest = shards.read_manifest(str(class_shards))
+    manifest = layout.read_manifest(str(class_shards))
     counts = np.array(list(manifest["split_label_counts"]["train"].values()))
     p = counts / counts.sum()
     split_entropy = float(-(p * np.log(p)).sum())
@@ -170,8 +172,8 @@ def test_file_order_is_new_every_epoch_and_reproducible(class_shards):
 
     # The reads alone, without the local shuffle buffer: file order changes per execution.
     cfg, manifest = resolved(train_config(class_shards, "data.deterministic=true"))
-    (shard,) = launch._data_config(cfg).configure(
-        launch._datasets(cfg, manifest), world_size=1, worker_handles=None,
+    (shard,) = driver._data_config(cfg).configure(
+        driver._datasets(cfg, manifest), world_size=1, worker_handles=None,
         worker_node_ids=None)
     reads = [np.concatenate([b["label"] for b in shard["train"].iter_batches(
         batch_size=256, batch_format="numpy")]).tolist() for _ in range(2)]
@@ -180,5 +182,5 @@ def test_file_order_is_new_every_epoch_and_reproducible(class_shards):
 
 def test_pass_seeds_differ():
     """Passes chained in one execution (small splits) each read in their own order."""
-    seeds = [launch.pass_seed(0, i) for i in range(8)] + [launch.pass_seed(1, 0)]
+    seeds = [driver.pass_seed(0, i) for i in range(8)] + [driver.pass_seed(1, 0)]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**32 for s in seeds)

@@ -26,7 +26,7 @@ import yaml
 from hip_pipeline import main as cli
 from pipeline import tracking
 from pipeline.config import load_config
-from pipeline.train_config import TrainConfig
+from pipeline.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SWEEP = str(ROOT / "sweeps" / "tiny.yaml")

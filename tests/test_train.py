@@ -11,7 +11,7 @@ from netutil import free_port, serving
 
 from hip_pipeline import main as cli
 from pipeline import tracking
-from pipeline.train import INIT_TENSORS_TAG
+from pipeline.train.loop import INIT_TENSORS_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -99,10 +99,11 @@ def test_every_modality_feeds_the_model(modality, sample_dir, ray_session, tmp_p
     """Shards of each modality -> Ray Data torch batches -> model input -> MAE and classify."""
     import torch
 
-    from pipeline.batches import TENSOR_COLUMNS, input_spec, to_model_input
-    from pipeline.shards import open_shards, read_manifest
-    from pipeline.train import build_model
-    from pipeline.train_config import TrainConfig
+    from pipeline.data.layout import read_manifest
+    from pipeline.data.reader import open_shards
+    from pipeline.train.batches import TENSOR_COLUMNS, input_spec, to_model_input
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.loop import build_model
 
     src = "video" if modality == "audio+video" else modality
     out = tmp_path / "shards"

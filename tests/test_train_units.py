@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.batches import input_spec, to_model_input, to_pixels
-from pipeline.checkpoints import load_state, make_state, save_state
 from pipeline.config import ConfigError, load_config, read_yaml
-from pipeline.train import build_model, lr_factor, make_optimizer
-from pipeline.train_config import TrainConfig, resolve_paths
+from pipeline.train.batches import input_spec, to_model_input, to_pixels
+from pipeline.train.checkpoints import load_state, make_state, save_state
+from pipeline.train.config import TrainConfig, resolve_paths
+from pipeline.train.loop import build_model, lr_factor, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml"))
@@ -138,7 +138,7 @@ def test_bad_train_configs_fail_fast_with_one_line_and_no_ray(tmp_path):
 
 
 def test_small_train_splits_are_chained_so_an_execution_spans_many_steps():
-    from pipeline.launch import STEPS_PER_EXECUTION, train_passes
+    from pipeline.train.driver import STEPS_PER_EXECUTION, train_passes
 
     cfg = TrainConfig.model_validate({"optim": {"batch_size": 16},
                                       "trainer": {"num_workers": 1, "steps": 60}})
@@ -154,7 +154,7 @@ def test_small_train_splits_are_chained_so_an_execution_spans_many_steps():
 @pytest.mark.parametrize("workers,split", [(0, []), (1, []), (2, "all")])
 def test_datasets_are_split_only_across_several_workers(workers, split):
     """A lone worker reads the whole dataset itself (no SplitCoordinator actors to start)."""
-    from pipeline.launch import _data_config
+    from pipeline.train.driver import _data_config
 
     cfg = TrainConfig.model_validate({"trainer": {"num_workers": workers},
                                       "data": {"deterministic": True}})

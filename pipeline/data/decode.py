@@ -1,6 +1,6 @@
 """Decoding inside Ray workers: listing rows -> normalised rows or reject rows.
 
-Row layout and shapes: see pipeline/preprocess.py. Nothing here raises on a bad file:
+Row layout and shapes: see pipeline/data/preprocess.py. Nothing here raises on a bad file:
 every failure becomes a row with split="rejects" and a reason.
 """
 
@@ -15,8 +15,8 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from pipeline import media, shards
-from pipeline.config import AUDIO_INT16_SCALE, PreprocessConfig
+from pipeline.data import codec, layout, media
+from pipeline.data.config import AUDIO_INT16_SCALE, PreprocessConfig
 
 
 class _Reject(Exception):
@@ -89,7 +89,7 @@ class DecodeSpec:
         return audio
 
 
-INT16_SCALE = AUDIO_INT16_SCALE  # full scale; pipeline.batches divides by the same number
+INT16_SCALE = AUDIO_INT16_SCALE  # full scale; pipeline.train.batches divides by the same number
 
 
 def to_int16(audio: np.ndarray) -> np.ndarray:
@@ -121,7 +121,7 @@ def decode_batch(
 ) -> pa.Table:
     """Listing rows (B) -> decoded rows (B): tensors, or zeros + split="rejects" + reason.
 
-    Tensors leave as raw bytes (see shards.tensor_to_arrow). Rejects keep zero tensors only
+    Tensors leave as raw bytes (see codec.tensor_to_arrow). Rejects keep zero tensors only
     in flight (one schema per block); ShardSink drops those columns for rejects/.
     """
     paths = [str(p) for p in batch["path"]]
@@ -144,13 +144,13 @@ def decode_batch(
         except Exception as e:  # quarantine every failure as a reject
             reason[i] = getattr(e, "reason", "decode_error")
             detail[i] = (getattr(e, "detail", "") or f"{type(e).__name__}: {e}")[:500]
-            split[i] = shards.REJECTS
+            split[i] = layout.REJECTS
     text = {"id": batch["id"], "label_name": batch["label_name"], "source": batch["source"],
             "split": split, "reason": reason, "detail": detail}
     columns = {k: pa.array([str(x) for x in v], pa.string()) for k, v in text.items()}
     columns["label"] = pa.array(np.asarray(batch["label"], np.int64))
     for key, (shape, _) in spec.tensors.items():  # scalars (has_audio) stay plain columns
-        columns[key] = shards.tensor_to_arrow(out[key]) if shape else pa.array(out[key])
+        columns[key] = codec.tensor_to_arrow(out[key]) if shape else pa.array(out[key])
     return pa.table(columns)
 
 

@@ -33,7 +33,7 @@ CLASSES: tuple[str, ...] = (
     "dots",
     "gradient",
 )
-MODALITIES = ("image", "audio", "video")
+SAMPLE_KINDS = ("image", "audio", "video")
 _SUFFIXES = {"image": ".png", "audio": ".wav", "video": ".mp4"}
 VIDEO_FPS = 8
 AAC_SAMPLE_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -44,7 +44,7 @@ def write_sample_data(
     *,
     per_class: int = 8,
     seed: int = 0,
-    modalities: Sequence[str] = MODALITIES,
+    modalities: Sequence[str] = SAMPLE_KINDS,
     image_size: int = 64,
     sample_rate: int = 16_000,
     audio_seconds: float = 1.0,
@@ -57,9 +57,9 @@ def write_sample_data(
     same frames and samples. Existing files of the same name are overwritten; no others are
     touched. Videos run at VIDEO_FPS, so their audio lasts video_frames / VIDEO_FPS seconds.
     """
-    unknown = set(modalities) - set(MODALITIES)
+    unknown = set(modalities) - set(SAMPLE_KINDS)
     if unknown:
-        raise ValueError(f"unknown modalities {sorted(unknown)}; expected some of {MODALITIES}")
+        raise ValueError(f"unknown modalities {sorted(unknown)}; expected some of {SAMPLE_KINDS}")
     positive = {"per_class": per_class, "image_size": image_size, "sample_rate": sample_rate}
     for name, value in {**positive, "video_frames": video_frames}.items():
         if value < 1:
@@ -91,7 +91,7 @@ def write_sample_data(
             folder = root / modality / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                key = [seed, MODALITIES.index(modality), label, i]
+                key = [seed, SAMPLE_KINDS.index(modality), label, i]
                 rng = np.random.default_rng(np.random.SeedSequence(key))
                 path = folder / f"{name}_{i:03d}{_SUFFIXES[modality]}"
                 path.write_bytes(encode(modality, rng, label))

@@ -13,8 +13,10 @@ from typing import Any
 
 import fsspec
 
-from pipeline import media, shards
-from pipeline.config import PreprocessConfig
+from pipeline import storage
+
+from pipeline.data import media
+from pipeline.data.config import PreprocessConfig
 
 
 @dataclass
@@ -37,7 +39,7 @@ def list_inputs(cfg: PreprocessConfig) -> Listing:
     the dataset (local disk <-> bucket). Labels: `--labels` CSV, else the first sub-folder
     (ImageFolder), else -1. Raises ValueError with a one-line message.
     """
-    fs, root = shards.resolve(cfg.input)
+    fs, root = storage.resolve(cfg.input)
     if not fs.exists(root):
         raise ValueError(f"input {cfg.input} does not exist")
     if not fs.isdir(root):
@@ -63,7 +65,7 @@ def list_inputs(cfg: PreprocessConfig) -> Listing:
         unmatched, csv_digest = 0, ""
     classes = sorted(set(names.values()), key=_class_key)
     index = {name: i for i, name in enumerate(classes)}
-    scheme = "" if shards.is_local(cfg.input) else cfg.input.split("://")[0] + "://"
+    scheme = "" if storage.is_local(cfg.input) else cfg.input.split("://")[0] + "://"
     rows, stamps = [], []
     for rel, path, info in files:
         rid = hashlib.sha256(rel.encode()).hexdigest()[:16]
@@ -84,7 +86,7 @@ def _labels_from_csv(
     """CSV `path,label` (optional header; paths relative to the input root, or absolute /
     URIs inside it) -> ({relative path: label name}, unmatched rows, content sha256)."""
     try:
-        lfs, lpath = shards.resolve(uri)
+        lfs, lpath = storage.resolve(uri)
         text = lfs.cat_file(lpath).decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read labels CSV {uri}: {e}") from None
@@ -96,7 +98,7 @@ def _labels_from_csv(
             raise ValueError(f"labels CSV {uri} line {line}: expected `path,label`, got {row}")
         path, name = row[0].strip(), row[1].strip()
         if "://" in path or os.path.isabs(path):
-            path = posixpath.relpath(shards.resolve(path)[1], root)
+            path = posixpath.relpath(storage.resolve(path)[1], root)
         rel = posixpath.normpath(path)
         if names.setdefault(rel, name) != name:
             raise ValueError(f"labels CSV {uri} line {line}: {rel} labelled twice")

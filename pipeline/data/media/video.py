@@ -5,9 +5,9 @@ from __future__ import annotations
 import av
 import numpy as np
 
-from pipeline.media.audio import _AudioAccumulator, _fit_audio
-from pipeline.media.av_io import _AV_VIDEO_DEMUXERS, _decode_packets, _open_av
-from pipeline.media.errors import (
+from pipeline.data.media.audio import _AudioAccumulator, _fit_audio
+from pipeline.data.media.av_io import _AV_VIDEO_DEMUXERS, _decode_packets, _open_av
+from pipeline.data.media.errors import (
     REASON_CORRUPT,
     REASON_NO_FRAMES,
     REASON_NOT_MEDIA,
@@ -17,7 +17,7 @@ from pipeline.media.errors import (
     _check_positive,
     _describe,
 )
-from pipeline.media.image import resize_center_crop
+from pipeline.data.media.image import resize_center_crop
 
 
 def decode_video(

@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoints, shards, tracking
-from pipeline.batches import TENSOR_COLUMNS, dataset_modality
+from pipeline import storage, tracking
 from pipeline.config import config_to_dict
-from pipeline.train import FAULT_ENV, build_model, train_fn_per_worker
-from pipeline.train_config import TrainConfig, resolve_paths
+from pipeline.data import layout, reader
+from pipeline.train import checkpoints
+from pipeline.train.batches import TENSOR_COLUMNS, dataset_modality
+from pipeline.train.config import TrainConfig, resolve_paths
+from pipeline.train.loop import FAULT_ENV, build_model, train_fn_per_worker
 
 
 class JobError(ValueError):
@@ -43,7 +45,7 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     """Resolve paths, read the manifest, build the model once on the meta device."""
     cfg = resolve_paths(cfg)
     try:
-        manifest = shards.read_manifest(cfg.data.path)
+        manifest = layout.read_manifest(cfg.data.path)
     except FileNotFoundError as e:
         raise JobError(f"data.path: {e}") from None
     modality = dataset_modality(manifest)
@@ -123,12 +125,12 @@ def _datasets(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     themselves hold rows in a random order (preprocess.shuffled)."""
     columns = [*TENSOR_COLUMNS[dataset_modality(manifest)], "label"]
     passes = train_passes(int(manifest.get("splits", {}).get(cfg.data.train_split, 0)), cfg)
-    copies = [shards.open_shards(cfg.data.path, cfg.data.train_split,
+    copies = [reader.open_shards(cfg.data.path, cfg.data.train_split,
                                  file_seed=pass_seed(cfg.trainer.seed, i)).select_columns(columns)
               for i in range(passes)]
     out = {"train": copies[0].union(*copies[1:]) if passes > 1 else copies[0]}
     if manifest.get("splits", {}).get(cfg.data.val_split):
-        out["val"] = shards.open_shards(cfg.data.path, cfg.data.val_split).select_columns(columns)
+        out["val"] = reader.open_shards(cfg.data.path, cfg.data.val_split).select_columns(columns)
     return out
 
 
@@ -165,13 +167,13 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.pg_reaper import PlacementGroupReaper, install_reaper
     from pipeline.runtime import init_ray
+    from pipeline.train.pg_reaper import PlacementGroupReaper, install_reaper
 
     init_ray()
     # Progress bars from Ray Data's split coordinators only garble a log file.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    # The built-in cleaner needs the State API (dashboard): see pipeline/pg_reaper.py.
+    # The built-in cleaner needs the State API (dashboard): see pipeline/train/pg_reaper.py.
     reaper = [] if install_reaper() else [PlacementGroupReaper()]
     # Through the object store, so workers on other nodes get the weights too.
     init_ref = ray.put(init_weights) if init_weights is not None else None
@@ -194,13 +196,13 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
         raise
     log(f"[hip] MLflow run {run_id} ({run_name}) in experiment {cfg.tracking.experiment!r} "
         f"at {cfg.tracking.uri}")
-    log(f"[hip] checkpoints under {shards.join(cfg.storage.path, run_name)}")
+    log(f"[hip] checkpoints under {storage.join(cfg.storage.path, run_name)}")
     log("[hip] runs in the MLflow UI: "
         f"{tracking.ui_link(cfg.tracking.uri, cfg.tracking.experiment)}")
     datasets = _datasets(cfg, manifest)
     local: dict[str, Any] = {}
     if cfg.trainer.num_workers == 0:
-        local = {"local_dir": shards.join(cfg.storage.path, run_name)}
+        local = {"local_dir": storage.join(cfg.storage.path, run_name)}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": resolved, "manifest": manifest, "run_id": run_id,
@@ -210,7 +212,7 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
             num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
             resources_per_worker=cfg.trainer.resources_per_worker or None),
         run_config=ray.train.RunConfig(
-            name=run_name, **shards.storage_kwargs(cfg.storage.path),
+            name=run_name, **storage.storage_kwargs(cfg.storage.path),
             callbacks=[*(callbacks or []), *reaper],
             worker_runtime_env=_worker_env(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
@@ -246,7 +248,7 @@ def _worker_env() -> dict[str, Any] | None:
 def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str | None:
     if checkpoint is None:
         return None
-    if shards.is_local(cfg.storage.path):
+    if storage.is_local(cfg.storage.path):
         return checkpoint.path
     return "gs://" + checkpoint.path.lstrip("/")
 

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from models import create_model, load_mae_weights
-from pipeline import checkpoints, shards, tracking
-from pipeline.batches import input_spec, to_model_input, to_pixels
-from pipeline.train_config import TrainConfig
+from pipeline import storage, tracking
+from pipeline.train import checkpoints
+from pipeline.train.batches import input_spec, to_model_input, to_pixels
+from pipeline.train.config import TrainConfig
 
 FAULT_ENV = "HIP_TEST_FAULT"  # test-only: "rank:step:marker_path" exits that rank once
 INIT_TENSORS_TAG = "hip.initialised_tensors"  # how many tensors finetune.init_from supplied
@@ -307,7 +308,7 @@ def _report(model, opt, sched, step, metrics, cfg_dict, mh, ctx: _Ctx, *, save: 
             state = checkpoints.make_state(model, opt, sched, step=step, config=cfg_dict,
                                            manifest_hash=mh, data_position=position)
             if ctx.local_dir:  # local mode: Ray Train would keep only a temp folder
-                where = shards.storage_kwargs(checkpoints.persist_state(
+                where = storage.storage_kwargs(checkpoints.persist_state(
                     state, ctx.local_dir, step, ctx.cfg.trainer.num_to_keep))
                 checkpoint = ray.train.Checkpoint(where["storage_path"],
                                                   filesystem=where.get("storage_filesystem"))

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import av
 
-from pipeline.media.errors import (
+from pipeline.data.media.errors import (
     REASON_CORRUPT,
     REASON_TOO_LARGE,
     REASON_UNSUPPORTED,

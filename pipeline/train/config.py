@@ -15,14 +15,13 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StrictModel
-
-MODALITIES = ("image", "audio", "video", "audio+video")
+from pipeline.constants import DEFAULT_CHECKPOINTS, DEFAULT_TRACKING_URI, Modality
 
 
 class DataSection(StrictModel):
     path: str = Field("data/shards/image", description="shards folder/URI written by "
                       "`hip preprocess` (holds manifest.json, train/, val/)")
-    modality: Literal["image", "audio", "video", "audio+video"] | None = Field(
+    modality: Modality | None = Field(
         None, description="checked against the manifest; None = take the manifest's")
     train_split: str = "train"
     val_split: str = "val"
@@ -88,7 +87,7 @@ class TrainerSection(StrictModel):
 
 
 class TrackingSection(StrictModel):
-    uri: str = Field("sqlite:///runs/mlflow.db", description="MLflow tracking URI")
+    uri: str = Field(DEFAULT_TRACKING_URI, description="MLflow tracking URI")
     experiment: str = "hip"
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
@@ -103,7 +102,7 @@ class TrackingSection(StrictModel):
 
 
 class StorageSection(StrictModel):
-    path: str = Field("runs/checkpoints", description="local folder or gs:// URI for "
+    path: str = Field(DEFAULT_CHECKPOINTS, description="local folder or gs:// URI for "
                       "Ray Train checkpoints; multi-node runs need shared storage")
 
 

@@ -1,7 +1,7 @@
 """From shard rows to model inputs: input specs from the manifest, batch normalisation.
 
 Shape letters: B batch, H/W image size, F frames, T audio samples, M positions, C channels.
-Shard columns (pipeline/preprocess.py, README "Data"): image uint8 (B, H, W, 3); audio
+Shard columns (pipeline/data/preprocess.py, README "Data"): image uint8 (B, H, W, 3); audio
 float32 or int16 (B, T) (see preprocess's audio.dtype; int16 holds round(x * 32767)); video
 uint8 (B, F, H, W, 3). Model input: dict modality -> (B, M, C) float32, positions in raster
 order.
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import AUDIO_INT16_SCALE
+from pipeline.data.config import AUDIO_INT16_SCALE
 
 # ImageNet statistics: a standard choice for RGB pixels (audio is already in [-1, 1]).
 RGB_MEAN = (0.485, 0.456, 0.406)

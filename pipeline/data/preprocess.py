@@ -37,10 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import shards
-from pipeline.config import PreprocessConfig, config_hash, config_to_dict
-from pipeline.decode import Decoder, DecodeSpec, decode_batch
-from pipeline.listing import Listing, list_inputs
+from pipeline import storage
+
+from pipeline.data import codec, layout, writer
+from pipeline.data.config import PreprocessConfig
+from pipeline.config import config_hash, config_to_dict
+from pipeline.data.decode import Decoder, DecodeSpec, decode_batch
+from pipeline.data.listing import Listing, list_inputs
 
 MARKER = "_HIP_INCOMPLETE"
 ACCEPTED_COLUMNS = ["id", "label", "label_name", "source", "split"]
@@ -91,9 +94,9 @@ def preflight(cfg: PreprocessConfig, *, overwrite: bool = False) -> Plan:
         if same and not overwrite and not _missing_files(existing, cfg.output):
             return Plan(cfg, listing, digest, True, existing)
         # Otherwise rebuild: --overwrite, or our own output (it has our manifest) lost files.
-    elif not overwrite and not shards.exists(shards.join(cfg.output, MARKER)):
-        ours = [d for d in (*shards.SPLITS, shards.REJECTS)
-                if shards.exists(shards.join(cfg.output, d))]
+    elif not overwrite and not storage.exists(storage.join(cfg.output, MARKER)):
+        ours = [d for d in (*layout.SPLITS, layout.REJECTS)
+                if storage.exists(storage.join(cfg.output, d))]
         if ours:
             raise PreflightError(
                 f"{cfg.output} has {', '.join(ours)}/ but no manifest.json or run marker "
@@ -102,8 +105,8 @@ def preflight(cfg: PreprocessConfig, *, overwrite: bool = False) -> Plan:
 
 
 def _check_output(input_uri: str, output_uri: str) -> None:
-    in_fs, in_path = shards.resolve(input_uri)
-    out_fs, out_path = shards.resolve(output_uri)
+    in_fs, in_path = storage.resolve(input_uri)
+    out_fs, out_path = storage.resolve(output_uri)
     if in_fs.protocol == out_fs.protocol:
         a, b = in_path.rstrip("/") + "/", out_path.rstrip("/") + "/"
         if a.startswith(b) or b.startswith(a):
@@ -112,7 +115,7 @@ def _check_output(input_uri: str, output_uri: str) -> None:
     try:
         if out_fs.exists(out_path) and not out_fs.isdir(out_path):
             raise PreflightError(f"output {output_uri} is a file, not a folder")
-        if shards.is_local(output_uri):  # object stores have no folders (and gcsfs'
+        if storage.is_local(output_uri):  # object stores have no folders (and gcsfs'
             out_fs.makedirs(out_path, exist_ok=True)  # makedirs would create buckets)
         with out_fs.open(probe, "wb") as f:
             f.write(b"ok")
@@ -126,18 +129,18 @@ def _check_output(input_uri: str, output_uri: str) -> None:
 
 def _read_manifest(output: str) -> dict[str, Any] | None:
     """The output's manifest, or None if there is none."""
-    uri = shards.join(output, shards.MANIFEST)
-    if not shards.exists(uri):
+    uri = storage.join(output, layout.MANIFEST)
+    if not storage.exists(uri):
         return None
     try:
-        return shards.read_json(uri)
+        return storage.read_json(uri)
     except (OSError, ValueError) as e:
         raise PreflightError(f"{uri} is unreadable ({e}); pass --overwrite to rebuild") from None
 
 
 def _missing_files(manifest: dict[str, Any], output: str) -> int:
     """How many shard files the manifest lists but the output no longer has."""
-    fs, path = shards.resolve(output)
+    fs, path = storage.resolve(output)
     present = {posixpath.relpath(p, path) for p in fs.find(path)} if fs.exists(path) else set()
     listed = [f["path"] for files in manifest.get("files", {}).values() for f in files]
     return sum(1 for rel in listed if rel not in present)
@@ -162,8 +165,8 @@ def run_preprocess(
     init_ray()
     _start_run(cfg.output)
     manifest = _execute(plan, echo)
-    shards.write_json(shards.join(cfg.output, shards.MANIFEST), manifest)
-    fs, path = shards.resolve(cfg.output)
+    storage.write_json(storage.join(cfg.output, layout.MANIFEST), manifest)
+    fs, path = storage.resolve(cfg.output)
     fs.rm(f"{path}/{MARKER}")
     echo(summary(manifest))
     return manifest
@@ -171,10 +174,10 @@ def run_preprocess(
 
 def _start_run(output: str) -> None:
     """Mark the output incomplete, then drop the manifest and every shard folder we own."""
-    fs, path = shards.resolve(output)
+    fs, path = storage.resolve(output)
     with fs.open(f"{path}/{MARKER}", "w") as f:
         f.write(json.dumps({"started": _now()}) + "\n")
-    for name in (shards.MANIFEST, *shards.SPLITS, shards.REJECTS):
+    for name in (layout.MANIFEST, *layout.SPLITS, layout.REJECTS):
         if fs.exists(f"{path}/{name}"):
             fs.rm(f"{path}/{name}", recursive=True)
 
@@ -208,14 +211,14 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
     echo(f"preprocessing {listing.count} {cfg.modality} files: {cfg.input} -> {cfg.output} "
          f"({workers} decode {cfg.read.strategy}, batch {batch}, {rows_per_file} rows/file, "
          f"{cfg.shards.write} write)")
-    in_fs, _ = shards.resolve(cfg.input)
+    in_fs, _ = storage.resolve(cfg.input)
     tensors = list(spec.tensors)
-    sink = shards.ShardSink(
+    sink = writer.ShardSink(
         cfg.output, tensors={k: v for k, v in spec.tensors.items() if v[0]},
         rows_per_file=rows_per_file, compression=cfg.shards.compression,
         run_id=uuid.uuid4().hex[:8], bundle_rows=not fused,
         columns={"train": ACCEPTED_COLUMNS + tensors, "val": ACCEPTED_COLUMNS + tensors,
-                 shards.REJECTS: REJECT_COLUMNS})
+                 layout.REJECTS: REJECT_COLUMNS})
     # One listing block per decode batch, and batch_size=None below (= one whole block per
     # call): with batch_size=B, Ray would bundle blocks of ~B rows into tasks of ~2B.
     with _op_reservation(cfg.read.op_reservation):
@@ -293,14 +296,14 @@ def build_manifest(
 ) -> dict[str, Any]:
     cfg, listing = plan.cfg, plan.listing
     counts = result["counts"]
-    split_rows = {s: sum(f["rows"] for f in result["files"][s]) for s in shards.SPLITS}
-    rejected = sum(f["rows"] for f in result["files"][shards.REJECTS])
+    split_rows = {s: sum(f["rows"] for f in result["files"][s]) for s in layout.SPLITS}
+    rejected = sum(f["rows"] for f in result["files"][layout.REJECTS])
     accepted = sum(split_rows.values())
     if accepted + rejected != listing.count:  # a lost or duplicated row is a bug: no manifest
         raise RuntimeError(f"{listing.count} inputs but {accepted} accepted + {rejected} "
                            "rejected were written")
     per_label: dict[str, int] = {}
-    for s in shards.SPLITS:
+    for s in layout.SPLITS:
         for name, n in counts[s].items():
             per_label[name or "(unlabeled)"] = per_label.get(name or "(unlabeled)", 0) + n
     columns = {k: {"shape": list(shape), "dtype": d} for k, (shape, d) in spec.tensors.items()}
@@ -312,11 +315,11 @@ def build_manifest(
         "classes": listing.classes,
         "label_counts": dict(sorted(per_label.items())),
         "split_label_counts": {s: {k or "(unlabeled)": v for k, v in sorted(counts[s].items())}
-                               for s in shards.SPLITS},
-        "rejects_by_reason": dict(sorted(counts[shards.REJECTS].items())),
-        "columns": columns,  # tensors: raw C-order bytes per row (shards.tensor_to_arrow)
+                               for s in layout.SPLITS},
+        "rejects_by_reason": dict(sorted(counts[layout.REJECTS].items())),
+        "columns": columns,  # tensors: raw C-order bytes per row (codec.tensor_to_arrow)
         "schema": {"rows": result["schemas"].get("train") or result["schemas"].get("val"),
-                   "rejects": result["schemas"].get(shards.REJECTS)},
+                   "rejects": result["schemas"].get(layout.REJECTS)},
         "files": result["files"],
         "shuffle_seed": cfg.shards.shuffle_seed,  # rows written in the order of shuffled()
         "config": config_to_dict(cfg), "config_hash": plan.config_hash,
@@ -331,8 +334,8 @@ def summary(m: dict[str, Any]) -> str:
     """The end-of-job report: counts, rejects by reason, speed, where the shards are."""
     out = m["config"]["output"]
     reasons = ", ".join(f"{k} {v}" for k, v in m["rejects_by_reason"].items()) or "none"
-    files = ", ".join(f"{shards.join(out, s)}/ ({len(m['files'][s])} files)"
-                      for s in (*shards.SPLITS, shards.REJECTS))
+    files = ", ".join(f"{storage.join(out, s)}/ ({len(m['files'][s])} files)"
+                      for s in (*layout.SPLITS, layout.REJECTS))
     shapes = ", ".join(f"{k} {c['dtype']}{tuple(c['shape'])}" for k, c in m["columns"].items())
     return "\n".join([
         f"done: {m['inputs']} inputs -> {m['accepted']} accepted (train {m['splits']['train']}, "
@@ -341,7 +344,7 @@ def summary(m: dict[str, Any]) -> str:
         f"  rejects: {reasons}",
         f"  rows: {shapes}; {len(m['classes'])} classes",
         f"  shards: {files}",
-        f"  manifest: {shards.join(out, shards.MANIFEST)}",
+        f"  manifest: {storage.join(out, layout.MANIFEST)}",
     ])
 
 

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.media.errors import (
+from pipeline.data.media.errors import (
     REASON_CORRUPT,
     REASON_TOO_LARGE,
     REASON_UNSUPPORTED,

@@ -9,8 +9,8 @@ Shape letters: S output side (`size`), F frames (`num_frames`), T samples, C cha
     decode_video -> (F, S, S, 3) uint8 RGB, (T,) float32 audio or None, has_audio
 """
 
-from pipeline.media.audio import decode_audio
-from pipeline.media.errors import (
+from pipeline.data.media.audio import decode_audio
+from pipeline.data.media.errors import (
     EXTENSIONS,
     REASON_CORRUPT,
     REASON_EMPTY,
@@ -23,8 +23,8 @@ from pipeline.media.errors import (
     REASONS,
     MediaError,
 )
-from pipeline.media.image import decode_image, resize_center_crop
-from pipeline.media.video import decode_video
+from pipeline.data.media.image import decode_image, resize_center_crop
+from pipeline.data.media.video import decode_video
 
 __all__ = [
     "EXTENSIONS", "REASONS", "REASON_CORRUPT", "REASON_EMPTY", "REASON_NOT_MEDIA",

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeline import shards, tracking
+from pipeline import storage, tracking
 
 STATE_FILE = "state.pt"
 
@@ -43,25 +43,25 @@ def persist_state(state: Mapping[str, Any], root: str, step: int, keep: int) -> 
     """Write `state` to `root`/checkpoint_<step>/state.pt (local or gs://) and drop all but
     the `keep` newest such folders; -> the new folder's URI. For runs without Ray Train's
     own persistence (trainer.num_workers=0 runs the loop in the driver: Ray's local mode)."""
-    fs, base = shards.resolve(root)
+    fs, base = storage.resolve(root)
     dest = f"{base}/checkpoint_{step:06d}"
     fs.makedirs(dest, exist_ok=True)
     with fs.open(f"{dest}/{STATE_FILE}", "wb") as f:
         torch.save(dict(state), f)
     for old in _step_folders(fs, base)[:-keep]:
         fs.rm(old, recursive=True)
-    return shards.join(root, f"checkpoint_{step:06d}")
+    return storage.join(root, f"checkpoint_{step:06d}")
 
 
 def latest_persisted(root: str) -> str | None:
     """The newest `persist_state` checkpoint under `root` (its state file's URI), if any."""
-    fs, base = shards.resolve(root)
+    fs, base = storage.resolve(root)
     if not fs.exists(base):
         return None
     folders = [f for f in _step_folders(fs, base) if fs.exists(f"{f}/{STATE_FILE}")]
     if not folders:
         return None
-    return shards.join(root, folders[-1].rsplit("/", 1)[-1], STATE_FILE)
+    return storage.join(root, folders[-1].rsplit("/", 1)[-1], STATE_FILE)
 
 
 def _step_folders(fs, base: str) -> list[str]:
@@ -71,7 +71,7 @@ def _step_folders(fs, base: str) -> list[str]:
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a state file (local path or fsspec URI) with weights_only=True."""
-    fs, p = shards.resolve(str(path))
+    fs, p = storage.resolve(str(path))
     with fs.open(p, "rb") as f:
         return torch.load(f, map_location=map_location, weights_only=True)
 
@@ -85,12 +85,12 @@ def resolve_init(init_from: str, tracking_uri: str, workdir: str | Path) -> Path
                                           tracking.FINAL_MODEL_ARTIFACT, workdir)
     target = init_from.rstrip("/")
     if not target.endswith(".pt"):
-        target = shards.join(target, STATE_FILE)
-    if not shards.exists(target):
+        target = storage.join(target, STATE_FILE)
+    if not storage.exists(target):
         raise FileNotFoundError(f"--init-from {init_from}: no checkpoint at {target}")
-    if shards.is_local(target):
+    if storage.is_local(target):
         return Path(target)
     local = Path(tempfile.mkdtemp(dir=workdir)) / STATE_FILE
-    fs, p = shards.resolve(target)
+    fs, p = storage.resolve(target)
     fs.get(p, str(local))
     return local

@@ -12,8 +12,8 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import firwin, resample_poly
 
-from pipeline.media.av_io import _AV_AUDIO_DEMUXERS, _decode_packets, _open_av
-from pipeline.media.errors import (
+from pipeline.data.media.av_io import _AV_AUDIO_DEMUXERS, _decode_packets, _open_av
+from pipeline.data.media.errors import (
     REASON_CORRUPT,
     REASON_NO_SAMPLES,
     REASON_NOT_MEDIA,
