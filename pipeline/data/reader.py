@@ -40,8 +40,12 @@ def open_shards(uri: str, split: str = "train", *, file_seed: int | None = None
         # Local: let pyarrow use its native filesystem (faster than the fsspec wrapper).
         shuffle = None if file_seed is None else ray.data.FileShuffleConfig(
             seed=file_seed, reseed_after_execution=True)
+        # One read task per file: Ray would otherwise derive the task count from the CPUs
+        # free at the time, so the same config could cut the rows into other blocks (and
+        # the shuffle buffer, filled block by block, would give other batches) depending
+        # on what else runs on the cluster.
         ds = ray.data.read_parquet(paths, filesystem=None if is_local(uri) else fs,
-                                   shuffle=shuffle)
+                                   shuffle=shuffle, override_num_blocks=len(paths))
     finally:
         ctx.use_datasource_v2 = old
     # The dataset copies the process's DataContext, execution counter included, and some of
