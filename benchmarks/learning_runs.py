@@ -166,7 +166,7 @@ def train(cfg, manifest, train_split: Split, val: Split, *, seed: int,
 
     from models import load_mae_weights
     from pipeline.train.batches import input_spec, to_model_input
-    from pipeline.train.loop import build_model, lr_factor, make_optimizer
+    from pipeline.train.build import build_model, lr_factor, make_optimizer
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -265,7 +265,7 @@ def frozen_features(cfg, manifest, split: Split, *, seed: int,
 
     from models import load_mae_weights
     from pipeline.train.batches import input_spec, to_model_input
-    from pipeline.train.loop import build_model
+    from pipeline.train.build import build_model
 
     torch.manual_seed(seed)
     spec = input_spec(manifest)

@@ -102,8 +102,8 @@ def test_every_modality_feeds_the_model(modality, sample_dir, ray_session, tmp_p
     from pipeline.data.layout import read_manifest
     from pipeline.data.reader import open_shards
     from pipeline.train.batches import TENSOR_COLUMNS, input_spec, to_model_input
+    from pipeline.train.build import build_model
     from pipeline.train.config import TrainConfig
-    from pipeline.train.loop import build_model
 
     src = "video" if modality == "audio+video" else modality
     out = tmp_path / "shards"

@@ -11,9 +11,9 @@ import torch
 
 from pipeline.config import ConfigError, load_config, read_yaml
 from pipeline.train.batches import input_spec, to_model_input, to_pixels
+from pipeline.train.build import build_model, lr_factor, make_optimizer
 from pipeline.train.checkpoints import load_state, make_state, save_state
 from pipeline.train.config import TrainConfig, resolve_paths
-from pipeline.train.loop import build_model, lr_factor, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml"))
@@ -161,3 +161,22 @@ def test_datasets_are_split_only_across_several_workers(workers, split):
     dc = _data_config(cfg)
     assert dc._datasets_to_split == split
     assert dc._user_execution_options.preserve_order is True
+
+
+def test_tasks_own_columns_loss_and_eval_metrics():
+    from pipeline.train.tasks import ClassifyTask, MaeTask, make_task
+
+    assert isinstance(make_task("mae"), MaeTask)
+    clf = make_task("classify", label_smoothing=0.1)
+    assert clf.columns(["image"]) == ["image", "label"]
+    assert make_task("mae").columns(["image"]) == ["image"]
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
+    batch = {"label": torch.tensor([0, 1, 1])}
+    assert clf.eval_sums(logits, batch) == {"correct": 2.0}
+    assert clf.eval_metrics({"correct": 2.0}, 4) == {"val_accuracy": 0.5}
+    expected = torch.nn.functional.cross_entropy(logits, batch["label"], label_smoothing=0.1)
+    torch.testing.assert_close(clf.loss(logits, batch), expected)
+    assert float(clf.loss(logits, batch)) != float(ClassifyTask().loss(logits, batch))
+    assert set(ClassifyTask.sum_keys) == set(clf.eval_sums(logits, batch))
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("segment")

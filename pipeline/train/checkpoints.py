@@ -1,9 +1,10 @@
 """Training checkpoints: one `state.pt` per checkpoint, loadable with weights_only=True.
 
 Content: model (unwrapped state dict), optimizer, scheduler, step, torch RNG state, the
-position in the train data stream ({"epoch", "batch"}: see train._batches), the resolved
-config (plain dict) and the dataset manifest hash. Only tensors, numbers, strings,
-lists and dicts, so `torch.load(..., weights_only=True)` can read it: no pickled code.
+position in the train data stream ({"epoch", "batch"}: see _batches in
+pipeline/train/loop.py), the resolved config (plain dict) and the dataset manifest hash.
+Only tensors, numbers, strings, lists and dicts, so `torch.load(..., weights_only=True)` can
+read it: no pickled code.
 """
 
 from __future__ import annotations

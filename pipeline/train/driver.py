@@ -24,8 +24,9 @@ from pipeline.config import config_to_dict
 from pipeline.data import layout, reader
 from pipeline.train import checkpoints
 from pipeline.train.batches import TENSOR_COLUMNS, dataset_modality
+from pipeline.train.build import build_model
 from pipeline.train.config import TrainConfig, resolve_paths
-from pipeline.train.loop import FAULT_ENV, build_model, train_fn_per_worker
+from pipeline.train.loop import FAULT_ENV, WorkerArgs, train_fn_per_worker
 
 
 class JobError(ValueError):
@@ -121,7 +122,7 @@ def _datasets(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     in its own random order, a new one every execution (epoch), all derived from
     trainer.seed (open_shards' file_seed): the same rows in the same orders on every run of
     a config, which data.deterministic (preserve_order) turns into the same batches.
-    Rows are mixed further by the local shuffle buffer of train._batches; the shards
+    Rows are mixed further by the local shuffle buffer of loop._batches; the shards
     themselves hold rows in a random order (preprocess.shuffled)."""
     columns = [*TENSOR_COLUMNS[dataset_modality(manifest)], "label"]
     passes = train_passes(int(manifest.get("splits", {}).get(cfg.data.train_split, 0)), cfg)
@@ -200,14 +201,14 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     log("[hip] runs in the MLflow UI: "
         f"{tracking.ui_link(cfg.tracking.uri, cfg.tracking.experiment)}")
     datasets = _datasets(cfg, manifest)
-    local: dict[str, Any] = {}
-    if cfg.trainer.num_workers == 0:
-        local = {"local_dir": storage.join(cfg.storage.path, run_name)}
+    # Local mode: the loop writes its own checkpoints (Ray keeps only a temp folder).
+    local_dir = storage.join(cfg.storage.path, run_name) if cfg.trainer.num_workers == 0 \
+        else None
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": resolved, "manifest": manifest, "run_id": run_id,
-                           "init_weights": init_ref, "init_from": cfg.finetune.init_from,
-                           "splits": list(datasets), **local},
+        train_loop_config={"args": WorkerArgs(
+            cfg, manifest, run_id, splits=tuple(datasets), init_weights=init_ref,
+            init_from=cfg.finetune.init_from, local_dir=local_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
             resources_per_worker=cfg.trainer.resources_per_worker or None),

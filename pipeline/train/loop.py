@@ -1,65 +1,87 @@
-"""Ray Train jobs: MAE pretraining and classification fine-tuning of the models/ presets.
+"""The per-worker training loop of Ray Train: set-up, the loop, evaluation, reporting.
 
-`train_fn_per_worker(config)` is the per-worker loop (reads its dataset shard, steps,
-reports); `run_training(cfg)` is the driver that validates, opens the MLflow run, builds the
-TorchTrainer and fits it. Only world rank 0 logs to MLflow; `ray.train.report` is called by
-every worker at the same steps (it is a barrier), with rank 0 passing the checkpoint.
+`train_fn_per_worker({"args": WorkerArgs})` runs on every worker:
+
+    setup(args)      context (rank, device), model (+ init weights), optimizer, schedule,
+                     resume (Ray's checkpoint or, in local mode, our own), data iterators
+    train(run)       optimizer steps until trainer.steps; logs, evaluates and reports
+    evaluate(run)    one pass over this worker's val shard, summed across workers
+    report(run)      ray.train.report at eval and checkpoint steps (a barrier: every worker
+                     calls it at the same steps); rank 0 attaches the checkpoint
+
+What differs between MAE and classification lives in one task object (pipeline/train/tasks.py).
+Only world rank 0 logs to MLflow.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from models import create_model, load_mae_weights
+from models import load_mae_weights
 from pipeline import storage, tracking
+from pipeline.config import config_to_dict
 from pipeline.train import checkpoints
 from pipeline.train.batches import input_spec, to_model_input, to_pixels
+from pipeline.train.build import build_model, make_optimizer, make_scheduler
 from pipeline.train.config import TrainConfig
+from pipeline.train.tasks import Task, make_task
 
 FAULT_ENV = "HIP_TEST_FAULT"  # test-only: "rank:step:marker_path" exits that rank once
 INIT_TENSORS_TAG = "hip.initialised_tensors"  # how many tensors finetune.init_from supplied
+RESUMED_TAG = "hip.resumed_from_step"
+SHUFFLE_BUFFER_ROWS = 256
 
 
-def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> torch.nn.Module:
-    num_classes = max(1, len(manifest.get("classes") or []))
-    return create_model(cfg.model.preset, inputs=input_spec(manifest), task=cfg.task,
-                        num_classes=num_classes, head=cfg.model.head,
-                        mask_ratio=cfg.mae.mask_ratio, masking=cfg.mae.masking,
-                        target_norm=cfg.mae.target_norm, **cfg.model.overrides)
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What the driver hands every worker (train_loop_config={"args": WorkerArgs(...)})."""
+
+    cfg: TrainConfig  # resolved: absolute local paths
+    manifest: dict[str, Any]
+    run_id: str | None  # the MLflow run rank 0 logs to (None: no logging)
+    splits: tuple[str, ...] = ("train",)  # datasets given to the trainer
+    init_weights: Any = None  # ObjectRef of a state dict (finetune.init_from) or None
+    init_from: str | None = None  # where init_weights came from, for the log line
+    local_dir: str | None = None  # local mode (num_workers=0): where the loop checkpoints
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1, then cosine to min_lr_ratio (or constant)."""
-    o, total = cfg.optim, cfg.trainer.steps
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return 1.0
-    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+@dataclass
+class _Ctx:
+    cfg: TrainConfig
+    manifest: dict[str, Any]
+    run_id: str | None
+    rank: int
+    world: int
+    device: torch.device
+    local_dir: str | None = None  # set in local mode (trainer.num_workers=0): see report
+
+    @property
+    def logs(self) -> bool:
+        return self.rank == 0 and self.run_id is not None
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, latent and position tables (as in MAE)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.ndim < 2 or name.endswith(".table"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+@dataclass
+class Run:
+    """What set-up builds and the loop advances."""
+
+    ctx: _Ctx
+    task: Task
+    spec: dict[str, Any]  # model inputs: name -> InputSpec
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    train_data: Any  # endless iterator of batches (see _batches)
+    val_ds: Any  # this worker's val shard, or None
+    step: int = 0
+    position: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "batch": 0})
 
 
 def _maybe_fault(rank: int, step: int) -> None:
@@ -77,21 +99,6 @@ def _maybe_fault(rank: int, step: int) -> None:
         os._exit(17)  # a hard worker death, as a preempted node would give
 
 
-@dataclass
-class _Ctx:
-    cfg: TrainConfig
-    manifest: dict[str, Any]
-    run_id: str | None
-    rank: int
-    world: int
-    device: torch.device
-    local_dir: str | None = None  # set in local mode (trainer.num_workers=0): see _report
-
-    @property
-    def logs(self) -> bool:
-        return self.rank == 0 and self.run_id is not None
-
-
 def _batches(ds, ctx: _Ctx, columns: list[str], *, train: bool,
              position: dict[str, int] | None = None):
     """Endless (train) or one-pass (eval) iterator of raw tensor batches from a shard.
@@ -106,7 +113,7 @@ def _batches(ds, ctx: _Ctx, columns: list[str], *, train: bool,
     skip = pos["batch"]
     while True:
         # Seeded per rank and epoch: the same rows in the same order give the same batches.
-        shuffle = dict(local_shuffle_buffer_size=256,
+        shuffle = dict(local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
                        local_shuffle_seed=ctx.cfg.trainer.seed + 1000 * pos["epoch"] + ctx.rank)
         it = ds.iter_torch_batches(drop_last=train, **kw, **(shuffle if train else {}))
         n = 0
@@ -132,20 +139,175 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()[:8], "big")
 
 
-def _forward(model, batch, spec, ctx: _Ctx, generator=None):
-    x = to_model_input(batch, spec)
+# ----------------------------------------------------------------------------- set-up
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train loop: config = {"args": WorkerArgs}."""
+    train(setup(config["args"]))
+
+
+def setup(args: WorkerArgs) -> Run:
+    import ray.train
+    import ray.train.torch
+
+    cfg = args.cfg
+    tctx = ray.train.get_context()
+    ctx = _Ctx(cfg, args.manifest, args.run_id, tctx.get_world_rank(), tctx.get_world_size(),
+               ray.train.torch.get_device(), local_dir=args.local_dir)
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.trainer.seed + ctx.rank)
+    task = make_task(cfg.task, label_smoothing=cfg.optim.label_smoothing)
+    spec = input_spec(ctx.manifest)
+    model = build_model(cfg, ctx.manifest)
+    if args.init_weights is not None:
+        _init_weights(model, args, ctx)
+    model = ray.train.torch.prepare_model(model)
+    opt = make_optimizer(model, cfg)
+    run = Run(ctx, task, spec, model, opt, make_scheduler(opt, cfg), None, None)
+    _resume(run)
+    val_ds = ray.train.get_dataset_shard("val") if "val" in args.splits else None
+    run.train_data = _batches(ray.train.get_dataset_shard("train"), ctx,
+                              task.columns(list(spec)), train=True, position=run.position)
+    run.val_ds = val_ds
+    return run
+
+
+def _init_weights(model: torch.nn.Module, args: WorkerArgs, ctx: _Ctx) -> None:
+    import ray
+
+    report = load_mae_weights(model, ray.get(args.init_weights))
+    if ctx.rank == 0:
+        print(f"[hip] initialised {len(report.loaded)} tensors from {args.init_from}; "
+              f"new: {', '.join(sorted({k.split('.')[0] for k in report.missing}))}",
+              flush=True)
+    if ctx.logs:
+        tracking.set_tags(ctx.cfg.tracking.uri, ctx.run_id,
+                          {INIT_TENSORS_TAG: str(len(report.loaded))})
+
+
+def _resume(run: Run) -> None:
+    """Continue from Ray's checkpoint (after a worker-group restart or a rerun of the same run
+    name) or, in local mode, from our own newest checkpoint folder: weights, optimizer,
+    schedule, step and data position."""
+    import ray.train
+
+    ctx = run.ctx
+    ckpt = ray.train.get_checkpoint()
+    persisted = checkpoints.latest_persisted(ctx.local_dir) if ctx.local_dir else None
+    if ckpt is None and not persisted:
+        return
+    if persisted:  # local mode: our own checkpoint folders (Ray's local mode has none)
+        state = checkpoints.load_state(persisted)
+    else:
+        with ckpt.as_directory() as d:
+            state = checkpoints.load_state(Path(d) / checkpoints.STATE_FILE)
+    checkpoints.unwrap(run.model).load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    run.step = int(state["step"])
+    # Every rank has consumed as many batches as rank 0 (equal splits, same steps).
+    # Checkpoints from before the data position was saved restart the stream.
+    run.position.update(state.get("data") or {})
+    if ctx.rank == 0:
+        print(f"[hip] resumed from step {run.step}", flush=True)
+    if ctx.logs:
+        tracking.set_tags(ctx.cfg.tracking.uri, ctx.run_id, {RESUMED_TAG: str(run.step)})
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _autocast(ctx: _Ctx):
     use_bf16 = ctx.device.type == "cuda" and ctx.cfg.trainer.bf16
-    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        if ctx.cfg.task == "mae":
-            return model(x, generator=generator) if generator is not None else model(x), x
-        return model(x), x
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def _loss(out, batch, ctx: _Ctx) -> torch.Tensor:
-    if ctx.cfg.task == "mae":
-        return out[0]
-    return F.cross_entropy(out.float(), batch["label"].long(),
-                           label_smoothing=ctx.cfg.optim.label_smoothing)
+def train(run: Run) -> None:
+    """Optimizer steps until trainer.steps: log every log_every, evaluate every eval_every,
+    report (and checkpoint) every checkpoint_every and at the end."""
+    cfg, ctx = run.ctx.cfg, run.ctx
+    t = cfg.trainer
+    run.model.train()
+    while run.step < t.steps:
+        metrics = train_step(run)
+        _maybe_fault(ctx.rank, run.step)
+        if ctx.logs and (run.step % t.log_every == 0 or run.step == t.steps):
+            tracking.log_metrics(cfg.tracking.uri, ctx.run_id, metrics, run.step)
+        last = run.step == t.steps
+        evaluated = run.step % t.eval_every == 0 or last
+        if evaluated:
+            val = evaluate(run)
+            metrics.update(val)
+            if ctx.logs and val:
+                tracking.log_metrics(cfg.tracking.uri, ctx.run_id, val, run.step)
+        save = run.step % t.checkpoint_every == 0 or last
+        if evaluated or save:  # every worker reaches this at the same steps (a barrier)
+            report(run, metrics, save=save)
+
+
+def train_step(run: Run) -> dict[str, float]:
+    """One optimizer step (grad_accum micro-batches); returns its metrics."""
+    cfg, ctx = run.ctx.cfg, run.ctx
+    t0 = time.perf_counter()
+    wait = loss_value = 0.0
+    run.opt.zero_grad(set_to_none=True)
+    torch.manual_seed(step_seed(cfg.trainer.seed, ctx.rank, run.step))
+    for _ in range(cfg.optim.grad_accum):
+        tw = time.perf_counter()
+        batch = next(run.train_data)
+        wait += time.perf_counter() - tw
+        with _autocast(ctx):
+            out = run.task.forward(run.model, to_model_input(batch, run.spec))
+        loss = run.task.loss(out, batch) / cfg.optim.grad_accum
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {run.step} on "
+                                     f"rank {ctx.rank}; lower optim.lr or enable clipping")
+        loss.backward()
+        loss_value += loss.item()
+    if cfg.optim.clip_norm:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_norm)
+    run.opt.step()
+    run.sched.step()
+    run.step += 1
+    dt = time.perf_counter() - t0
+    samples = cfg.optim.batch_size * cfg.optim.grad_accum * ctx.world
+    return {"loss": loss_value, "lr": run.sched.get_last_lr()[0],
+            "samples_per_s": samples / dt, "data_wait_frac": wait / dt}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Validation over this worker's val shard, summed across workers: val_loss and what the
+    task adds (val_accuracy); MAE logs reconstructions of the first batch."""
+    if run.val_ds is None:
+        return {}
+    ctx, task = run.ctx, run.task
+    run.model.eval()
+    gen = torch.Generator(device=ctx.device).manual_seed(1234)  # same masks every eval
+    sums = dict.fromkeys(("loss", "count", *task.sum_keys), 0.0)
+    first = True
+    with torch.no_grad():
+        for batch in _batches(run.val_ds, ctx, task.columns(list(run.spec)), train=False):
+            x = to_model_input(batch, run.spec)
+            with _autocast(ctx):
+                out = task.forward(run.model, x, generator=gen)
+            n = next(iter(batch.values())).shape[0]
+            sums["loss"] += float(task.loss(out, batch)) * n
+            sums["count"] += n
+            for k, v in task.eval_sums(out, batch).items():
+                sums[k] += v
+            if first:
+                task.on_first_eval_batch(x, out, lambda x, out: _log_sample(run, x, out))
+                first = False
+    sums = dict(zip(sums, _all_sum(list(sums.values()), ctx), strict=True))
+    run.model.train()
+    return {"val_loss": sums["loss"] / max(sums["count"], 1),
+            **task.eval_metrics(sums, sums["count"])}
 
 
 def _all_sum(values: list[float], ctx: _Ctx) -> list[float]:
@@ -155,161 +317,40 @@ def _all_sum(values: list[float], ctx: _Ctx) -> list[float]:
     return t.tolist()
 
 
-def evaluate(model, val_ds, spec, ctx: _Ctx, step: int) -> dict[str, float]:
-    """Validation over this worker's val shard, summed across workers."""
-    if val_ds is None:
-        return {}
-    model.eval()
-    columns = [*spec, "label"]
-    gen = torch.Generator(device=ctx.device).manual_seed(1234)  # same masks every eval
-    loss_sum = correct = count = 0.0
-    first = None
-    with torch.no_grad():
-        for batch in _batches(val_ds, ctx, columns, train=False):
-            out, x = _forward(model, batch, spec, ctx, generator=gen)
-            n = batch["label"].shape[0]
-            loss_sum += float(_loss(out, batch, ctx)) * n
-            count += n
-            if ctx.cfg.task == "classify":
-                correct += float((out.argmax(-1) == batch["label"]).sum())
-            elif first is None:
-                first = (x, out)
-    loss_sum, correct, count = _all_sum([loss_sum, correct, count], ctx)
-    model.train()
-    metrics = {"val_loss": loss_sum / max(count, 1)}
-    if ctx.cfg.task == "classify":
-        metrics["val_accuracy"] = correct / max(count, 1)
-    if ctx.logs and first is not None and "image" in spec:
-        _log_reconstructions(first, spec, ctx, step)
-    return metrics
-
-
-def _log_reconstructions(first, spec, ctx: _Ctx, step: int) -> None:
-    x, (_, pred, mask) = first
+def _log_sample(run: Run, x, out) -> None:
+    """MAE: a PNG of inputs, visible pixels and reconstructions (images only, rank 0)."""
+    ctx = run.ctx
+    if not ctx.logs or "image" not in run.spec:
+        return
+    _, pred, mask = out
     shape = tuple(ctx.manifest["columns"]["image"]["shape"][:2])
     png = tracking.reconstruction_grid(
         to_pixels(x["image"], shape).cpu().numpy(),
         mask["image"].reshape(-1, *shape).cpu().numpy(),
         to_pixels(pred["image"], shape).cpu().numpy())
-    tracking.log_bytes(ctx.cfg.tracking.uri, ctx.run_id, f"reconstructions/step_{step:06d}.png",
-                       png)
+    tracking.log_bytes(ctx.cfg.tracking.uri, ctx.run_id,
+                       f"reconstructions/step_{run.step:06d}.png", png)
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train loop. config: {"cfg": dict, "manifest": dict, "run_id": str | None,
-    "init_weights": ObjectRef of a state dict | None, "init_from": str, "splits": [...]}."""
-    import ray.train
-    import ray.train.torch
-
-    cfg = TrainConfig.model_validate(config["cfg"])
-    tctx = ray.train.get_context()
-    ctx = _Ctx(cfg, config["manifest"], config.get("run_id"), tctx.get_world_rank(),
-               tctx.get_world_size(), ray.train.torch.get_device(),
-               local_dir=config.get("local_dir"))
-    if ctx.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.trainer.seed + ctx.rank)
-    spec = input_spec(ctx.manifest)
-    model = build_model(cfg, ctx.manifest)
-    if config.get("init_weights") is not None:
-        import ray
-
-        report = load_mae_weights(model, ray.get(config["init_weights"]))
-        if ctx.rank == 0:
-            print(f"[hip] initialised {len(report.loaded)} tensors from {config['init_from']}; "
-                  f"new: {', '.join(sorted({k.split('.')[0] for k in report.missing}))}",
-                  flush=True)
-        if ctx.logs:
-            tracking.set_tags(cfg.tracking.uri, ctx.run_id,
-                              {INIT_TENSORS_TAG: str(len(report.loaded))})
-    model = ray.train.torch.prepare_model(model)
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    step = 0
-    position = {"epoch": 0, "batch": 0}  # where the train data stream is: see _batches
-    ckpt = ray.train.get_checkpoint()
-    persisted = checkpoints.latest_persisted(ctx.local_dir) if ctx.local_dir else None
-    if ckpt is not None or persisted:  # resume after a failure or a rerun of the same name
-        if persisted:  # local mode: our own checkpoint folders (Ray's local mode has none)
-            state = checkpoints.load_state(persisted)
-        else:
-            with ckpt.as_directory() as d:
-                state = checkpoints.load_state(Path(d) / checkpoints.STATE_FILE)
-        checkpoints.unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        # Every rank has consumed as many batches as rank 0 (equal splits, same steps).
-        # Checkpoints from before the data position was saved restart the stream.
-        position.update(state.get("data") or {})
-        if ctx.rank == 0:
-            print(f"[hip] resumed from step {step}", flush=True)
-        if ctx.logs:
-            tracking.set_tags(cfg.tracking.uri, ctx.run_id, {"hip.resumed_from_step": str(step)})
-    train_ds = ray.train.get_dataset_shard("train")
-    val_ds = ray.train.get_dataset_shard("val") if "val" in config.get("splits", ()) else None
-    columns = list(spec) + (["label"] if cfg.task == "classify" else [])
-    data = _batches(train_ds, ctx, columns, train=True, position=position)
-    mh = tracking.manifest_hash(ctx.manifest)
-    model.train()
-    while step < cfg.trainer.steps:
-        t0 = time.perf_counter()
-        wait = 0.0
-        loss_value = 0.0
-        opt.zero_grad(set_to_none=True)
-        torch.manual_seed(step_seed(cfg.trainer.seed, ctx.rank, step))
-        for _ in range(cfg.optim.grad_accum):
-            tw = time.perf_counter()
-            batch = next(data)
-            wait += time.perf_counter() - tw
-            out, _ = _forward(model, batch, spec, ctx)
-            loss = _loss(out, batch, ctx) / cfg.optim.grad_accum
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} on rank "
-                                         f"{ctx.rank}; lower optim.lr or enable clipping")
-            loss.backward()
-            loss_value += loss.item()
-        if cfg.optim.clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
-        opt.step()
-        sched.step()
-        step += 1
-        _maybe_fault(ctx.rank, step)
-        dt = time.perf_counter() - t0
-        samples = cfg.optim.batch_size * cfg.optim.grad_accum * ctx.world
-        metrics = {"loss": loss_value, "lr": sched.get_last_lr()[0],
-                   "samples_per_s": samples / dt, "data_wait_frac": wait / dt}
-        if ctx.logs and (step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps):
-            tracking.log_metrics(cfg.tracking.uri, ctx.run_id, metrics, step)
-        last = step == cfg.trainer.steps
-        evaluated = step % cfg.trainer.eval_every == 0 or last
-        if evaluated:
-            val = evaluate(model, val_ds, spec, ctx, step)
-            metrics.update(val)
-            if ctx.logs and val:
-                tracking.log_metrics(cfg.tracking.uri, ctx.run_id, val, step)
-        save = step % cfg.trainer.checkpoint_every == 0 or last
-        if evaluated or save:  # every worker reaches this at the same steps (a barrier)
-            _report(model, opt, sched, step, metrics, config["cfg"], mh, ctx, save=save,
-                    position=position)
+# ----------------------------------------------------------------------------- reporting
 
 
-def _report(model, opt, sched, step, metrics, cfg_dict, mh, ctx: _Ctx, *, save: bool,
-            position: dict[str, int]) -> None:
+def report(run: Run, metrics: dict[str, float], *, save: bool) -> None:
     """ray.train.report at eval and checkpoint steps: Tune schedulers (ASHA) see every eval;
     rank 0 attaches the checkpoint at checkpoint steps."""
     import ray.train
 
-    metrics = {**metrics, "step": step}
+    ctx = run.ctx
+    metrics = {**metrics, "step": run.step}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if save and ctx.rank == 0:
-            state = checkpoints.make_state(model, opt, sched, step=step, config=cfg_dict,
-                                           manifest_hash=mh, data_position=position)
+            state = checkpoints.make_state(
+                run.model, run.opt, run.sched, step=run.step, config=config_to_dict(ctx.cfg),
+                manifest_hash=tracking.manifest_hash(ctx.manifest), data_position=run.position)
             if ctx.local_dir:  # local mode: Ray Train would keep only a temp folder
                 where = storage.storage_kwargs(checkpoints.persist_state(
-                    state, ctx.local_dir, step, ctx.cfg.trainer.num_to_keep))
+                    state, ctx.local_dir, run.step, ctx.cfg.trainer.num_to_keep))
                 checkpoint = ray.train.Checkpoint(where["storage_path"],
                                                   filesystem=where.get("storage_filesystem"))
             else:
@@ -318,4 +359,5 @@ def _report(model, opt, sched, step, metrics, cfg_dict, mh, ctx: _Ctx, *, save: 
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-__all__ = ["build_model", "lr_factor", "make_optimizer", "train_fn_per_worker"]
+__all__ = ["WorkerArgs", "Run", "train_fn_per_worker", "setup", "train", "train_step",
+           "evaluate", "report", "step_seed", "FAULT_ENV", "INIT_TENSORS_TAG"]
