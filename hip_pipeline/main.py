@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from hip_pipeline import quickstart as cli_quickstart
+from hip_pipeline import sweep as cli_sweep
+from hip_pipeline import train as cli_train
+from hip_pipeline.errors import UsageError
 from pipeline.constants import MODALITIES
-
-
-class UsageError(Exception):
-    """A user error (bad flags, failed pre-flight check): one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,13 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.set_defaults(func=cmd_sample_data)
 
-    from hip_pipeline import quickstart as cli_quickstart
-    from hip_pipeline import sweep as cli_sweep
-    from hip_pipeline import train as cli_train
-
-    cli_train.add_parsers(sub, UsageError)
-    cli_sweep.add_parsers(sub, UsageError)
-    cli_quickstart.add_parser(sub, UsageError)
+    cli_train.add_parsers(sub)
+    cli_sweep.add_parsers(sub)
+    cli_quickstart.add_parser(sub)
     return parser
 
 

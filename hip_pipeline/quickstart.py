@@ -41,7 +41,7 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 
 
-def add_parser(sub, usage_error: type[Exception]) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("quickstart", help="run the whole pipeline on the embedded sample data",
                        description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=Path("."),

@@ -1,7 +1,6 @@
-"""`hip sweep` and `hip compare`: parsers and command functions (wired in cli.py).
+"""`hip sweep` and `hip compare`: parsers and command functions (wired in main.py).
 
-The only place besides cli.py where pipeline/ reaches into sweeps/ (cli -> sweeps ->
-pipeline -> models): the imports happen inside the commands.
+sweeps/ and pipeline/ are imported inside the commands, so `hip --help` does not load Ray.
 """
 
 from __future__ import annotations
@@ -9,10 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from hip_pipeline.errors import UsageError
 from pipeline.constants import DEFAULT_TRACKING_URI
 
 
-def add_parsers(sub, usage_error: type[Exception]) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser(
         "sweep", help="Ray Tune sweep of training jobs (ASHA), tracked in MLflow",
         description="Run the sweep defined by a sweeps/*.yaml file: one Ray Train job per "
@@ -25,7 +25,7 @@ def add_parsers(sub, usage_error: type[Exception]) -> None:
                    help="continue the interrupted sweep of the same name (finished trials "
                         "are not run again); starts it if there is none")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(func=_sweep(usage_error))
+    p.set_defaults(func=_sweep())
 
     p = sub.add_parser(
         "compare", help="compare the trials of a sweep: table + plots",
@@ -41,13 +41,14 @@ def add_parsers(sub, usage_error: type[Exception]) -> None:
     p.add_argument("--out", metavar="DIR", help="plot folder (default: "
                    "runs/compare/PARENT_RUN_ID)")
     p.add_argument("--no-log", action="store_true", help="do not log the plots to MLflow")
-    p.set_defaults(func=_compare(usage_error))
+    p.set_defaults(func=_compare())
 
 
-def _sweep(usage_error: type[Exception]):
+def _sweep():
     def run(args: argparse.Namespace) -> int:
         from pipeline.train.driver import JobError
-        from sweeps.driver import SweepError, plan_sweep, run_sweep
+        from sweeps.driver import SweepError, run_sweep
+        from sweeps.plan import plan_sweep
 
         plan = plan_sweep(args.config, args.overrides)  # ConfigError: one line, exit 2
         for bad in plan.invalid:
@@ -55,7 +56,7 @@ def _sweep(usage_error: type[Exception]):
         try:
             result = run_sweep(plan, resume=args.resume)
         except (SweepError, JobError) as e:
-            raise usage_error(str(e)) from None
+            raise UsageError(str(e)) from None
         s = plan.sweep
         print(f"[hip] sweep {s.name} {'interrupted' if result.interrupted else 'done'} in "
               f"{result.elapsed_s:.0f} s: {len(result.trials)} trials, "
@@ -82,7 +83,7 @@ def _sweep(usage_error: type[Exception]):
     return run
 
 
-def _compare(usage_error: type[Exception]):
+def _compare():
     def run(args: argparse.Namespace) -> int:
         from pipeline.config import load_config
         from pipeline.train.config import TrainConfig, resolve_paths
@@ -95,7 +96,7 @@ def _compare(usage_error: type[Exception]):
             result = compare(uri, args.experiment, sweep_run_id=args.sweep,
                              metric=args.metric, out_dir=args.out, log_to_run=not args.no_log)
         except CompareError as e:
-            raise usage_error(str(e)) from None
+            raise UsageError(str(e)) from None
         print(f"[hip] sweep {result.sweep} (parent run {result.parent_run_id}): "
               f"{len(result.rows)} trials by {result.metric} ({result.mode})")
         print(result.table)

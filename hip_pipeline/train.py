@@ -1,11 +1,13 @@
-"""`hip pretrain` and `hip finetune`: parsers and command functions (wired in cli.py)."""
+"""`hip pretrain` and `hip finetune`: parsers and command functions (wired in main.py)."""
 
 from __future__ import annotations
 
 import argparse
 
+from hip_pipeline.errors import UsageError
 
-def add_parsers(sub, usage_error: type[Exception]) -> None:
+
+def add_parsers(sub) -> None:
     for name, task, help_text in (
         ("pretrain", "mae", "MAE pretraining with Ray Train"),
         ("finetune", "classify", "classification fine-tuning with Ray Train"),
@@ -19,10 +21,10 @@ def add_parsers(sub, usage_error: type[Exception]) -> None:
                            help="MLflow run id or checkpoint folder/URI of an MAE run "
                                 "(omit to train from scratch)")
         p.add_argument("overrides", nargs="*", metavar="key=value")
-        p.set_defaults(func=_command(task, usage_error))
+        p.set_defaults(func=_command(task))
 
 
-def _command(task: str, usage_error: type[Exception]):
+def _command(task: str):
     def run(args: argparse.Namespace) -> int:
         from pipeline.config import load_config
         from pipeline.train.config import TrainConfig
@@ -35,7 +37,7 @@ def _command(task: str, usage_error: type[Exception]):
         try:
             result = run_training(cfg)
         except JobError as e:
-            raise usage_error(str(e)) from None
+            raise UsageError(str(e)) from None
         m = result.metrics
         summary = (f"val accuracy {m['val_accuracy']:.3f}" if "val_accuracy" in m
                    else f"val loss {m['val_loss']:.4f}" if "val_loss" in m
