@@ -59,7 +59,8 @@ def sweep_file(workdir: Path, scheduler: str, args: argparse.Namespace) -> Path:
 
 
 def run(workdir: Path, shards: Path, scheduler: str, args: argparse.Namespace) -> dict:
-    from sweeps.driver import plan_sweep, run_sweep
+    from sweeps.driver import run_sweep
+    from sweeps.plan import plan_sweep
 
     plan = plan_sweep(sweep_file(workdir, scheduler, args), [
         f"data.path={shards}", f"tracking.uri=sqlite:///{workdir}/mlflow.db",

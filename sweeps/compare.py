@@ -1,11 +1,11 @@
 """`hip compare`: which setting of a sweep won, and how its trials' curves differ.
 
 Reads everything from MLflow through an explicit MlflowClient, so any tracking URI works (a
-SQLite file, an `mlflow server`): the sweep's parent run (tags hip.metric, hip.mode,
-hip.space_keys) and its child runs (one per trial stage; the scored one per trial). Writes a
-terminal table (trials sorted by the metric) and PNG plots: the metric against each swept
-parameter, and the trials' loss and metric curves. The PNGs are also logged to the parent run
-under compare/.
+SQLite file, an `mlflow server`): the sweep's parent run (its metric, mode and swept keys,
+as sweeps/tags.py writes them) and its child runs (one per trial stage; the scored one per
+trial). Writes a terminal table (trials sorted by the metric) and PNG plots: the metric
+against each swept parameter, and the trials' loss and metric curves. The PNGs are also
+logged to the parent run under compare/.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import tracking
-from sweeps.trial import PARAMS_TAG, ROLE_TAG, STAGE_TAG, STATUS_TAG, SUPERSEDED_TAG, TRIAL_TAG
+from sweeps import tags as T
 
 CURVE_METRIC = "loss"  # the train loss, logged every log_every steps by rank 0
 
@@ -71,13 +71,13 @@ def find_sweep(uri: str, experiment: str, sweep_run_id: str | None = None):
             run = c.get_run(sweep_run_id)
         except Exception:  # MlflowException: unknown run id
             raise CompareError(f"no run {sweep_run_id} at {uri}") from None
-        if run.data.tags.get(ROLE_TAG) != "sweep":
+        if not T.SweepRunTags.from_run(run).is_sweep:
             raise CompareError(f"run {sweep_run_id} is not a sweep's parent run (no "
-                               f"{ROLE_TAG}=sweep tag)")
+                               f"{T.ROLE}=sweep tag)")
         if run.info.experiment_id != exp.experiment_id:
             raise CompareError(f"run {sweep_run_id} is not in experiment {experiment!r}")
         return run
-    runs = c.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'",
+    runs = c.search_runs([exp.experiment_id], T.query_sweeps(),
                          order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise CompareError(f"experiment {experiment!r} at {uri} holds no sweep "
@@ -86,7 +86,7 @@ def find_sweep(uri: str, experiment: str, sweep_run_id: str | None = None):
 
 
 def _status(run) -> str:
-    tag = run.data.tags.get(STATUS_TAG)
+    tag = T.TrialRunTags.from_run(run).status
     if tag:
         return tag
     return {"RUNNING": "RUNNING", "FINISHED": "FINISHED", "FAILED": "FAILED"}.get(
@@ -96,19 +96,18 @@ def _status(run) -> str:
 def collect(uri: str, parent, metric: str) -> list[TrialRow]:
     """One row per trial: its scored run (the finetune stage of pretrain-then-finetune)."""
     c = tracking.client(uri)
-    kind = parent.data.tags.get("hip.kind", "pretrain")
-    keys = json.loads(parent.data.tags.get("hip.space_keys", "[]"))
+    sweep = T.SweepRunTags.from_run(parent)
+    keys = sweep.space_keys
     runs = _all_runs(c, parent.info.experiment_id,
                      f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     rows: dict[str, TrialRow] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time):  # newer wins per trial
-        tags = run.data.tags
-        if tags.get(SUPERSEDED_TAG) == "true":
+        tags = T.TrialRunTags.from_run(run)
+        if tags.superseded:
             continue
-        if kind == "pretrain-then-finetune" and tags.get(STAGE_TAG) == "pretrain":
+        if sweep.kind == "pretrain-then-finetune" and tags.stage == "pretrain":
             continue
-        values = json.loads(tags.get(PARAMS_TAG, "{}"))
-        params = {k: run.data.params.get(k, json.dumps(values.get(k))) for k in keys}
+        params = {k: run.data.params.get(k, json.dumps(tags.values.get(k))) for k in keys}
         curves = {}
         for name in dict.fromkeys([CURVE_METRIC, metric]):
             hist = c.get_metric_history(run.info.run_id, name)
@@ -116,8 +115,9 @@ def collect(uri: str, parent, metric: str) -> list[TrialRow]:
         steps = max((s for h in curves.values() for s, _ in h), default=None)
         end = run.info.end_time or int(time.time() * 1000)
         value = run.data.metrics.get(metric)
-        rows[tags.get(TRIAL_TAG, run.info.run_id)] = TrialRow(
-            trial_id=tags.get(TRIAL_TAG, run.info.run_id), run_id=run.info.run_id,
+        trial_id = tags.trial_id or run.info.run_id
+        rows[trial_id] = TrialRow(
+            trial_id=trial_id, run_id=run.info.run_id,
             status=_status(run), metric=value, params=params, steps=steps,
             wall_s=(end - run.info.start_time) / 1000.0, curves=curves)
     return list(rows.values())
@@ -226,12 +226,12 @@ def compare(uri: str, experiment: str, *, sweep_run_id: str | None = None,
             log_to_run: bool = True) -> Comparison:
     """Table + plots of one sweep (the newest in `experiment` unless `sweep_run_id`)."""
     parent = find_sweep(uri, experiment, sweep_run_id)
-    tags = parent.data.tags
-    sweep_metric = tags.get("hip.metric", "val_loss")
+    sweep = T.SweepRunTags.from_run(parent)
+    sweep_metric = sweep.metric or "val_loss"
     metric = metric or sweep_metric
-    mode = tags.get("hip.mode", "min") if metric == sweep_metric else \
+    mode = (sweep.mode or "min") if metric == sweep_metric else \
         ("max" if "acc" in metric else "min")
-    keys = json.loads(tags.get("hip.space_keys", "[]"))
+    keys = sweep.space_keys
     rows = sort_rows(collect(uri, parent, metric), mode)
     if not rows:
         raise CompareError(f"sweep run {parent.info.run_id} has no trial runs yet")
@@ -247,7 +247,7 @@ def compare(uri: str, experiment: str, *, sweep_run_id: str | None = None,
         c = tracking.client(uri)
         for path in [*plots, out / "trials.txt"]:
             c.log_artifact(parent.info.run_id, str(path), "compare")
-    return Comparison(parent.info.run_id, tags.get("hip.sweep", ""), metric, mode, keys, rows,
+    return Comparison(parent.info.run_id, sweep.name or "", metric, mode, keys, rows,
                       table, plots)
 
 

@@ -27,6 +27,7 @@ from pipeline.config import (
     DOTTED_KEY,
     ConfigError,
     StrictModel,
+    config_to_dict,
     parse_override,
     read_yaml,
     set_dotted,
@@ -35,6 +36,9 @@ from pipeline.config import (
 from pipeline.train.config import TrainConfig
 
 KINDS = ("pretrain", "finetune", "pretrain-then-finetune")
+# A trial runs one or two stages, each one training job (MLflow tag hip.stage): "pretrain"
+# (task mae) and "finetune" (task classify). The last stage is the scored one.
+Stage = Literal["pretrain", "finetune"]
 DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Infrastructure, not hyperparameters: a trial's task, tracking and storage are the sweep's.
 UNSWEEPABLE = ("task", "tracking", "storage", "finetune")
@@ -183,6 +187,17 @@ class SweepConfig(StrictModel):
         """Task of the stage whose metric Tune sees."""
         return "mae" if self.kind == "pretrain" else "classify"
 
+    @property
+    def stages(self) -> list[Stage]:
+        """The stages of one trial, in order; the last one is scored."""
+        if self.kind == "pretrain-then-finetune":
+            return ["pretrain", "finetune"]
+        return [self.kind]
+
+    @property
+    def scored_stage(self) -> Stage:
+        return self.stages[-1]
+
 
 def is_job_key(key: str) -> bool:
     """Does a command-line override address the job config (vs the sweep)?"""
@@ -208,10 +223,10 @@ def base_path(sweep_file: str | Path, sweep: SweepConfig) -> Path:
     return p if p.is_absolute() else (Path(sweep_file).resolve().parent / p).resolve()
 
 
-def base_dict(sweep_file: str | Path, sweep: SweepConfig, job_overrides: list[str] = ()
-              ) -> dict[str, Any]:
-    """The base job config as a plain dict: base YAML <- sweep.overrides <- command line,
-    with the task of the first stage. Validated (ConfigError names the key and the file)."""
+def base_config(sweep_file: str | Path, sweep: SweepConfig, job_overrides: list[str] = ()
+                ) -> TrainConfig:
+    """The base job config: base YAML <- sweep.overrides <- command line, with the task of
+    the first stage (ConfigError names the key and the file)."""
     path = base_path(sweep_file, sweep)
     if not path.is_file():
         raise ConfigError(f"sweep {sweep.name}: base config {path} does not exist "
@@ -222,15 +237,17 @@ def base_dict(sweep_file: str | Path, sweep: SweepConfig, job_overrides: list[st
     for text in job_overrides:
         set_dotted(data, *parse_override(text))
     data["task"] = "classify" if sweep.kind == "finetune" else "mae"
-    _validate(data, f"base config {path} with the sweep's overrides")
-    return data
+    return validate(TrainConfig, data, f"base config {path} with the sweep's overrides")
 
 
-def trial_config(base: dict[str, Any], values: dict[str, Any], *, sweep: SweepConfig,
-                 stage: str = "first", init_from: str | None = None) -> TrainConfig:
-    """The job config of one trial (stage "first", or "finetune" of pretrain-then-finetune).
+def trial_config(base: TrainConfig, values: dict[str, Any], *, sweep: SweepConfig,
+                 stage: Stage, init_from: str | None = None) -> TrainConfig:
+    """The job config of one trial stage: the base <- the sampled values (<- for "finetune":
+    task classify, the sweep's finetune_overrides and the pretrained run to start from).
     Raises ConfigError naming the swept key when a sampled value is not valid for it."""
-    data = copy.deepcopy(base)
+    if stage not in sweep.stages:
+        raise ValueError(f"stage {stage!r} is not one of sweep {sweep.name}'s {sweep.stages}")
+    data = config_to_dict(base)
     for key, value in values.items():
         set_dotted(data, key, copy.deepcopy(value))
     if stage == "finetune":
@@ -239,22 +256,15 @@ def trial_config(base: dict[str, Any], values: dict[str, Any], *, sweep: SweepCo
             set_dotted(data, key, copy.deepcopy(value))
         if init_from:
             set_dotted(data, "finetune.init_from", init_from)
-    return _validate(data, f"point {values}")
+    return validate(TrainConfig, data, f"point {values}")
 
 
-def _validate(data: dict[str, Any], where: str) -> TrainConfig:
-    return validate(TrainConfig, data, where)
-
-
-def check_against_base(sweep: SweepConfig, base: dict[str, Any]) -> None:
+def check_against_base(sweep: SweepConfig, base: TrainConfig) -> None:
     """Checks that need the job config: every Tune report must carry the metric, and ASHA's
     rungs must fit in the run. Raises ConfigError."""
-    stage_cfg = trial_config(base, {}, sweep=sweep,
-                             stage="finetune" if sweep.kind == "pretrain-then-finetune"
-                             else "first")
-    t = stage_cfg.trainer
-    first = trial_config(base, {}, sweep=sweep)
-    if 0 in (first.trainer.num_workers, t.num_workers):
+    configs = [trial_config(base, {}, sweep=sweep, stage=s) for s in sweep.stages]
+    t = configs[-1].trainer
+    if any(c.trainer.num_workers == 0 for c in configs):
         # Ray 2.60 refuses ray.train.get_context()/report() inside a Tune trial's process,
         # which is where local mode would run the loop.
         raise ConfigError(f"sweep {sweep.name}: trainer.num_workers=0 (Ray Train's local "
@@ -271,5 +281,5 @@ def check_against_base(sweep: SweepConfig, base: dict[str, Any]) -> None:
                           f"({t.steps}), or ASHA can never stop a trial")
 
 
-__all__ = ["Dim", "SweepConfig", "KINDS", "load_sweep", "base_dict", "base_path",
+__all__ = ["Dim", "SweepConfig", "Stage", "KINDS", "load_sweep", "base_config", "base_path",
            "trial_config", "check_against_base", "is_job_key"]

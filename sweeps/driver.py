@@ -1,8 +1,5 @@
-"""`hip sweep`: plan (no Ray), then a Ray Tune Tuner over sweeps.trial.train_trial.
+"""`hip sweep`: a Ray Tune Tuner over sweeps.trial.train_trial, for a plan (sweeps/plan.py).
 
-plan_sweep   loads the sweep YAML and its base job config, checks every enumerable point
-             of the space (pipeline.train.driver.preflight on the meta device) and refuses an
-             invalid space with one line before Ray starts.
 run_sweep    opens (or, with resume, reopens) the MLflow parent run, runs the Tuner with ASHA
              (or no scheduler), max_concurrent_trials from the cluster's resources and
              FailureConfig at both levels, then closes every trial's child run with its
@@ -15,52 +12,33 @@ experiment: restored by --resume) and train/<run name>/ (one Ray Train run per t
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.data
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
+
 from pipeline import storage, tracking
-from pipeline.config import ConfigError, config_to_dict
-from pipeline.constants import MLFLOW_TAG_LIMIT
-from pipeline.train.config import TrainConfig, resolve_paths
-from sweeps.config import SweepConfig, base_dict, check_against_base, load_sweep, trial_config
+from pipeline.config import config_to_dict
+from pipeline.runtime import init_ray
+from sweeps import tags as T
+from sweeps.config import SweepConfig
 from sweeps.outcomes import TrialOutcome, close_trials, pick_best, record_summary
-from sweeps.space import Invalid, check_space, format_point, grid_size, points
-from sweeps.trial import ROLE_TAG, stages, train_trial
+from sweeps.plan import SweepPlan
+from sweeps.space import format_point, grid_size, to_tune
+from sweeps.trial import TrialSetup, train_trial
 
 STATE_FILE = "sweep.json"
 
 
 class SweepError(ValueError):
     """A sweep that cannot start or resume: one line, exit code 2."""
-
-
-@dataclass
-class SweepPlan:
-    sweep: SweepConfig
-    sweep_file: str
-    base: dict[str, Any]  # resolved base job config (absolute paths)
-    sweep_dir: str
-    invalid: list[Invalid] = field(default_factory=list)
-
-    @property
-    def uri(self) -> str:
-        return self.base["tracking"]["uri"]
-
-    @property
-    def experiment(self) -> str:
-        return self.base["tracking"]["experiment"]
-
-    @property
-    def tune_dir(self) -> str:
-        return storage.join(self.sweep_dir, "tune")
-
-    def scored_config(self) -> TrainConfig:
-        return trial_config(self.base, {}, sweep=self.sweep,
-                            stage="finetune" if len(stages(self.sweep)) == 2 else "first")
 
 
 @dataclass
@@ -76,37 +54,11 @@ class SweepResult:
         return sum(t.status == status for t in self.trials)
 
 
-def plan_sweep(sweep_file: str | Path, overrides: list[str] = ()) -> SweepPlan:
-    """Everything checkable without Ray: the sweep, its base config, the space's points."""
-    sweep, job_overrides = load_sweep(sweep_file, list(overrides))
-    raw = base_dict(sweep_file, sweep, job_overrides)
-    cfg = resolve_paths(TrainConfig.model_validate(raw))
-    sweep_dir = storage.join(cfg.storage.path, sweep.name)
-    cfg.storage.path = storage.join(sweep_dir, "train")
-    base = config_to_dict(cfg)
-    check_against_base(sweep, base)
-    invalid = check_space(sweep, base)
-    checked = len(points(sweep.space))
-    if invalid and len(invalid) == checked and len({i.reason for i in invalid}) == 1:
-        # Not the space's fault (a missing data path, a bad base config): say so plainly.
-        raise ConfigError(f"sweep {sweep.name}: no point of the space can run: "
-                          f"{invalid[0].reason}")
-    if invalid and (sweep.invalid == "reject" or len(invalid) == checked):
-        first = invalid[0]
-        hint = ("; set invalid: prune to skip such points" if sweep.invalid == "reject"
-                else "")
-        raise ConfigError(f"sweep {sweep.name}: {len(invalid)} of {checked} checked points "
-                          f"cannot run; {format_point(first.point)}: {first.reason}{hint}")
-    return SweepPlan(sweep, str(Path(sweep_file).resolve()), base, sweep_dir, invalid)
-
-
 def _trial_need(plan: SweepPlan) -> tuple[float, float]:
     """(CPUs, GPUs) one trial holds: its driver's CPU fraction plus its Train workers'."""
-    stage_cfgs = [trial_config(plan.base, {}, sweep=plan.sweep)]
-    if len(stages(plan.sweep)) == 2:
-        stage_cfgs.append(plan.scored_config())
     need_cpu = need_gpu = 0.0
-    for cfg in stage_cfgs:  # stages run one after the other: the larger one counts
+    # Stages run one after the other: the larger one counts.
+    for cfg in (plan.stage_config(s) for s in plan.sweep.stages):
         t = cfg.trainer
         workers = max(1, t.num_workers)  # 0 workers: the loop runs in the trial, one CPU
         cpu = t.resources_per_worker.get("CPU", 1.0)
@@ -168,23 +120,19 @@ def _open_parent(plan: SweepPlan, max_concurrent: int) -> str:
                        "scheduler.reduction_factor": s.scheduler.reduction_factor,
                        "scheduler.max_t": plan.scored_config().trainer.steps,
                        "scheduler.time_attr": "step"})
-    tags = {ROLE_TAG: "sweep", "hip.sweep": s.name, "hip.kind": s.kind, "hip.metric": s.metric,
-            "hip.mode": s.mode, "hip.space_keys": json.dumps(list(s.space)),
-            "hip.sweep_dir": plan.sweep_dir, "mlflow.source.git.commit": tracking.git_commit()}
-    if plan.invalid:
-        tags["hip.invalid_points"] = "; ".join(
-            f"{format_point(i.point)}: {i.reason}" for i in plan.invalid)[:MLFLOW_TAG_LIMIT]
+    tags = T.to_parent(s.name, s.kind, s.metric, s.mode, list(s.space), plan.sweep_dir,
+                       [f"{format_point(i.point)}: {i.reason}" for i in plan.invalid])
     return tracking.start_run(
         plan.uri, plan.experiment, run_name=f"sweep-{s.name}", params=params,
-        tags={**tracking.source_tags("hip sweep"), **tags},
+        tags={**tracking.source_tags("hip sweep"),
+              "mlflow.source.git.commit": tracking.git_commit(), **tags},
         artifacts={"sweep/sweep.yaml": tracking.config_yaml(s.model_dump(mode="json")),
-                   "sweep/base.yaml": tracking.config_yaml(plan.base)})
+                   "sweep/base.yaml": tracking.config_yaml(config_to_dict(plan.base))})
 
 
 def _data_context() -> dict[str, Any]:
     """Ray Data settings of this process that trials should share (a trial is a fresh actor
     with a default DataContext). Progress bars of concurrent trials interleave: off."""
-    import ray.data
 
     ctx = ray.data.DataContext.get_current()
     out: dict[str, Any] = {"enable_progress_bars": False}
@@ -198,12 +146,6 @@ def _trial_dirname(trial) -> str:
 
 
 def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
-
-    from sweeps.space import to_tune
-
     where = storage.storage_kwargs(plan.sweep_dir)
     tune_path = plan.tune_dir if storage.is_local(plan.tune_dir) else \
         storage.join(where["storage_path"], "tune")
@@ -257,11 +199,6 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
         raise SweepError(f"sweep {s.name} at {plan.sweep_dir} was started with another space "
                          f"({state['space']}); resume needs the same space")
 
-    import ray
-    from ray import tune
-
-    from pipeline.runtime import init_ray
-
     init_ray()
     cluster = ray.cluster_resources()
     max_concurrent = max_concurrent_trials(plan, cluster)
@@ -270,7 +207,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
     if state:
         parent = state["parent_run_id"]
         tracking.client(plan.uri).update_run(parent, status="RUNNING")
-        tracking.set_tags(plan.uri, parent, {"hip.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        tracking.set_tags(plan.uri, parent, T.to_resumed(time.strftime("%Y-%m-%dT%H:%M:%S")))
     else:
         parent = _open_parent(plan, max_concurrent)
         if storage.is_local(plan.sweep_dir):
@@ -282,9 +219,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
     log(f"[hip] sweep {s.name}: MLflow parent run {parent} in experiment {plan.experiment!r} "
         f"at {plan.uri}; up to {max_concurrent} trials at once; Tune experiment "
         f"{plan.tune_dir}")
-    setup = {"sweep": s.model_dump(mode="json"), "base": plan.base, "parent_run_id": parent,
-             "tracking_uri": plan.uri, "experiment": plan.experiment,
-             "data_context": _data_context()}
+    setup = TrialSetup(s, plan.base, parent, _data_context())
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     {"CPU": s.resources.driver_cpu})
     start = time.time()
@@ -292,7 +227,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
     try:
         grid = tuner.fit()
     except BaseException:
-        tracking.set_tags(plan.uri, parent, {"hip.interrupted": "true"})
+        tracking.set_tags(plan.uri, parent, T.to_interrupted(True))
         tracking.end_run(plan.uri, parent, "KILLED")
         raise
     elapsed = time.time() - start
@@ -303,5 +238,5 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
     return SweepResult(parent, plan.tune_dir, trials, best, interrupted, elapsed)
 
 
-__all__ = ["plan_sweep", "run_sweep", "SweepPlan", "SweepResult", "SweepError",
+__all__ = ["run_sweep", "SweepResult", "SweepError",
            "max_concurrent_trials", "ingest_warning", "STATE_FILE", "TrialOutcome", "pick_best"]

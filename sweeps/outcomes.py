@@ -12,19 +12,17 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from ray.tune.experiment import Trial
 
 from pipeline import tracking
 from pipeline.config import config_to_dict
-from pipeline.constants import MLFLOW_TAG_LIMIT
+from sweeps import tags as T
 from sweeps.config import trial_config
+from sweeps.plan import SweepPlan
 from sweeps.space import format_point
-from sweeps.trial import STATUS_TAG, stages, trial_runs
-
-if TYPE_CHECKING:
-    from sweeps.driver import SweepPlan
-
-STATUSES = ("FINISHED", "EARLY_STOPPED", "PRUNED", "FAILED", "INTERRUPTED")
+from sweeps.trial import trial_runs
 
 
 @dataclass
@@ -38,25 +36,32 @@ class TrialOutcome:
     error: str | None = None
 
 
+def tune_trials(grid) -> list:
+    """The Tune Trial objects behind a ResultGrid (status, config and last result of every
+    trial). ResultGrid's public Results have no status, and no config for a trial that never
+    reported (a pruned one), so this reaches into the grid's ExperimentAnalysis: the one
+    private attribute the sweeps use (checked against Ray 2.60)."""
+    return list(grid._experiment_analysis.trials)
+
+
 def close_trials(plan: SweepPlan, parent: str, grid) -> list[TrialOutcome]:
     """Give every trial's child runs their final status (ASHA-stopped trials are still
     RUNNING in MLflow: Tune killed the actor that would have closed them)."""
-    from ray.tune.experiment import Trial
 
     s = plan.sweep
     target = plan.scored_config().trainer.steps
-    stage = stages(s)[-1]
     out = []
-    for trial in grid._experiment_analysis.trials:  # Trial objects: status + last result
+    for trial in tune_trials(grid):
         last = trial.last_result or {}
-        runs = trial_runs(plan.uri, parent, trial.trial_id, stage)
+        runs = trial_runs(plan.uri, parent, trial.trial_id, s.scored_stage)
         run = runs[0] if runs else None
+        run_tags = T.TrialRunTags.from_run(run) if run is not None else None
         values = {k: trial.config.get(k) for k in s.space}
         step = last.get("step")
         error = None
-        if run is not None and run.data.tags.get("hip.pruned") == "true":
+        if run_tags is not None and run_tags.pruned:
             status = "PRUNED"
-            error = run.data.tags.get("hip.prune_reason")
+            error = run_tags.prune_reason
         elif trial.status == Trial.ERROR:
             status = "FAILED"
             error = _error_line(trial)
@@ -68,14 +73,8 @@ def close_trials(plan: SweepPlan, parent: str, grid) -> list[TrialOutcome]:
             if status == "PRUNED" or (r.info.run_id != (run and run.info.run_id)
                                       and r.info.status != "RUNNING"):
                 continue  # a pruned record, or a finished earlier stage: already final
-            tags = {STATUS_TAG: status}
-            if status == "EARLY_STOPPED":
-                tags.update({"hip.early_stopped": "true", "hip.stopped_at_step": str(step)})
-            elif status == "INTERRUPTED":
-                tags["hip.interrupted"] = "true"
-            if error:
-                tags["hip.error"] = error[:MLFLOW_TAG_LIMIT]
-            tracking.set_tags(plan.uri, r.info.run_id, tags)
+            tracking.set_tags(plan.uri, r.info.run_id, T.to_outcome(status, step=step,
+                                                                    error=error))
             # A stopped trial's run is RUNNING (actor killed) or FAILED (its trainer saw the
             # trial's queue vanish first): either way it was stopped, so KILLED.
             final = "FAILED" if status == "FAILED" else "KILLED"
@@ -110,7 +109,7 @@ def pick_best(trials: list[TrialOutcome], mode: str) -> TrialOutcome | None:
 def record_summary(plan: SweepPlan, parent: str, trials: list[TrialOutcome],
                     best: TrialOutcome | None, interrupted: bool, elapsed: float) -> None:
     s = plan.sweep
-    counts = {st: sum(t.status == st for t in trials) for st in STATUSES}
+    counts = {st: sum(t.status == st for t in trials) for st in T.STATUSES}
     tracking.log_metrics(plan.uri, parent, {
         "trials_total": len(trials), **{f"trials_{k.lower()}": v for k, v in counts.items()},
         "sweep_wall_s": elapsed}, step=0)
@@ -120,28 +119,22 @@ def record_summary(plan: SweepPlan, parent: str, trials: list[TrialOutcome],
                        json.dumps(summary, indent=2, default=str))
     if best is not None:
         tracking.log_metrics(plan.uri, parent, {f"best_{s.metric}": best.metric}, step=0)
-        tracking.set_tags(plan.uri, parent, {
-            "hip.best_trial": best.trial_id, "hip.best_run_id": best.run_id or "",
-            "hip.best_params": json.dumps(best.values, default=str)[:MLFLOW_TAG_LIMIT]})
+        tracking.set_tags(plan.uri, parent, T.to_best(best.trial_id, best.run_id, best.values))
         header = (f"# best trial {best.trial_id} of sweep {s.name}: {s.metric} = "
                   f"{best.metric:.6g}\n# {format_point(best.values)}\n")
-        cfg = trial_config(plan.base, best.values, sweep=s)
+        cfg = trial_config(plan.base, best.values, sweep=s, stage=s.stages[0])
         cfg.tracking.run_name = None
         tracking.log_bytes(plan.uri, parent, "best/config.yaml",
                            header + tracking.config_yaml(config_to_dict(cfg)))
-        if len(stages(s)) == 2:  # the finetune stage, from the best trial's pretrained run
+        if len(s.stages) == 2:  # the finetune stage, from the best trial's pretrained run
             pre = trial_runs(plan.uri, parent, best.trial_id, "pretrain")
             ft = trial_config(plan.base, best.values, sweep=s, stage="finetune",
                               init_from=pre[0].info.run_id if pre else None)
             ft.tracking.run_name = None
             tracking.log_bytes(plan.uri, parent, "best/finetune.yaml",
                                header + tracking.config_yaml(config_to_dict(ft)))
-    if interrupted:
-        tracking.set_tags(plan.uri, parent, {"hip.interrupted": "true"})
-        tracking.end_run(plan.uri, parent, "KILLED")
-    else:
-        tracking.set_tags(plan.uri, parent, {"hip.interrupted": "false"})
-        tracking.end_run(plan.uri, parent, "FINISHED")
+    tracking.set_tags(plan.uri, parent, T.to_interrupted(interrupted))
+    tracking.end_run(plan.uri, parent, "KILLED" if interrupted else "FINISHED")
 
 
-__all__ = ["TrialOutcome", "close_trials", "pick_best", "record_summary", "STATUSES"]
+__all__ = ["TrialOutcome", "close_trials", "pick_best", "record_summary", "tune_trials"]

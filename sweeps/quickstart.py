@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sweeps.compare import compare
-from sweeps.driver import plan_sweep, run_sweep
+from sweeps.driver import run_sweep
+from sweeps.plan import plan_sweep
 
 SWEEP_FILE = Path(__file__).with_name("quickstart.yaml")
 

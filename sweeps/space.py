@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.train.config import TrainConfig
+from pipeline.train.driver import JobError, preflight
 from sweeps.config import Dim, SweepConfig, trial_config
 
 MAX_CHECKED_POINTS = 256
@@ -68,23 +70,20 @@ class Invalid:
     reason: str
 
 
-def check_point(sweep: SweepConfig, base: dict[str, Any], values: dict[str, Any]) -> str | None:
+def check_point(sweep: SweepConfig, base: TrainConfig, values: dict[str, Any]) -> str | None:
     """Why this point cannot run (config, data or model shapes), or None if it can."""
-    from pipeline.train.driver import JobError, preflight
-
-    stages = ["first", "finetune"] if sweep.kind == "pretrain-then-finetune" else ["first"]
-    for stage in stages:
+    for stage in sweep.stages:
         try:
             # init_from is only known after the pretrain stage; shapes match by construction
             # (both stages build the same backbone from the same overrides).
             preflight(trial_config(base, values, sweep=sweep, stage=stage))
         except (ConfigError, JobError) as e:
-            where = f"{stage} stage: " if stage == "finetune" else ""
+            where = f"{stage} stage: " if len(sweep.stages) == 2 and stage == "finetune" else ""
             return where + " ".join(str(e).split())
     return None
 
 
-def check_space(sweep: SweepConfig, base: dict[str, Any]) -> list[Invalid]:
+def check_space(sweep: SweepConfig, base: TrainConfig) -> list[Invalid]:
     """Every enumerable point that cannot run (empty list: all fit)."""
     out = []
     for values in points(sweep.space):

@@ -14,8 +14,9 @@ import yaml
 
 from pipeline.config import ConfigError
 from sweeps.config import Dim, load_sweep
-from sweeps.driver import SweepPlan, ingest_warning, max_concurrent_trials, plan_sweep
+from sweeps.driver import ingest_warning, max_concurrent_trials
 from sweeps.outcomes import TrialOutcome, pick_best
+from sweeps.plan import SweepPlan, plan_sweep
 from sweeps.space import grid_size, points
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,6 @@ from pipeline.config import StrictModel
 from pipeline.constants import Modality
 
 
-
 class ImageSettings(StrictModel):
     size: int = Field(224, ge=8, le=4096, description="Output side S: images become (S, S, 3).")
     max_pixels: int = Field(

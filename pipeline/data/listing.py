@@ -14,7 +14,6 @@ from typing import Any
 import fsspec
 
 from pipeline import storage
-
 from pipeline.data import media
 from pipeline.data.config import PreprocessConfig
 

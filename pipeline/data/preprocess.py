@@ -36,14 +36,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import pyarrow
+import ray
+import ray.data
 
 from pipeline import storage
-
-from pipeline.data import codec, layout, writer
-from pipeline.data.config import PreprocessConfig
 from pipeline.config import config_hash, config_to_dict
+from pipeline.data import layout, writer
+from pipeline.data.config import PreprocessConfig
 from pipeline.data.decode import Decoder, DecodeSpec, decode_batch
 from pipeline.data.listing import Listing, list_inputs
+from pipeline.runtime import cluster_cpus, init_ray
 
 MARKER = "_HIP_INCOMPLETE"
 ACCEPTED_COLUMNS = ["id", "label", "label_name", "source", "split"]
@@ -160,7 +163,6 @@ def run_preprocess(
         echo(f"up to date: {cfg.output} (config and {plan.listing.count} inputs unchanged; "
              "--overwrite to rebuild)")
         return plan.existing
-    from pipeline.runtime import init_ray  # Ray only after every cheap check passed
 
     init_ray()
     _start_run(cfg.output)
@@ -196,10 +198,6 @@ def batch_rows(cfg: PreprocessConfig, row_bytes: int, count: int, workers: int,
 
 
 def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
-    import ray.data
-
-    from pipeline.runtime import cluster_cpus
-
     cfg, listing = plan.cfg, plan.listing
     spec = DecodeSpec.from_config(cfg)
     workers = cfg.read.concurrency or max(1, int(cluster_cpus() // cfg.read.num_cpus))
@@ -252,7 +250,6 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
 def _op_reservation(enabled: bool):
     """Datasets copy the current DataContext when they are created: set it first, restore it
     after the job so a training run in this process gets Ray's defaults."""
-    import ray.data
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.op_resource_reservation_enabled
@@ -353,7 +350,4 @@ def _now() -> str:
 
 
 def _versions() -> dict[str, str]:
-    import pyarrow
-    import ray
-
     return {"ray": ray.__version__, "pyarrow": pyarrow.__version__, "numpy": np.__version__}

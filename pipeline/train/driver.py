@@ -8,6 +8,7 @@ with one line instead of after a cluster start.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -17,16 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
 import torch
+from ray.train.torch import TorchTrainer
 
 from pipeline import storage, tracking
 from pipeline.config import config_to_dict
 from pipeline.data import layout, reader
+from pipeline.runtime import init_ray
 from pipeline.train import checkpoints
 from pipeline.train.batches import TENSOR_COLUMNS, dataset_modality
 from pipeline.train.build import build_model
 from pipeline.train.config import TrainConfig, resolve_paths
 from pipeline.train.loop import FAULT_ENV, WorkerArgs, train_fn_per_worker
+from pipeline.train.pg_reaper import PlacementGroupReaper, install_reaper
 
 
 class JobError(ValueError):
@@ -142,7 +148,6 @@ def _data_config(cfg: TrainConfig):
     the whole dataset and runs its Ray Data execution itself, so no SplitCoordinator actor
     (one per dataset, a process start plus 2-5 s before the first batch on 2 cores) is
     started. Single-worker runs are what sweeps and fine-tunes mostly are."""
-    import ray.train
 
     # Ray 2.60 warns about its own default (exclude_resources); nothing for a user to do.
     warnings.filterwarnings("ignore", message=".*exclude_resources` is deprecated")
@@ -163,13 +168,6 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     resumes from the newest. Ray Train callbacks do not run in local mode."""
     cfg, manifest = preflight(cfg)
     init_weights = _init_weights(cfg, manifest) if cfg.finetune.init_from else None
-
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.runtime import init_ray
-    from pipeline.train.pg_reaper import PlacementGroupReaper, install_reaper
 
     init_ray()
     # Progress bars from Ray Data's split coordinators only garble a log file.
@@ -255,6 +253,4 @@ def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str | None:
 
 
 def _json(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, indent=2, default=str)

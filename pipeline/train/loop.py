@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
 
 from models import load_mae_weights
@@ -148,9 +151,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 def setup(args: WorkerArgs) -> Run:
-    import ray.train
-    import ray.train.torch
-
     cfg = args.cfg
     tctx = ray.train.get_context()
     ctx = _Ctx(cfg, args.manifest, args.run_id, tctx.get_world_rank(), tctx.get_world_size(),
@@ -176,8 +176,6 @@ def setup(args: WorkerArgs) -> Run:
 
 
 def _init_weights(model: torch.nn.Module, args: WorkerArgs, ctx: _Ctx) -> None:
-    import ray
-
     report = load_mae_weights(model, ray.get(args.init_weights))
     if ctx.rank == 0:
         print(f"[hip] initialised {len(report.loaded)} tensors from {args.init_from}; "
@@ -192,7 +190,6 @@ def _resume(run: Run) -> None:
     """Continue from Ray's checkpoint (after a worker-group restart or a rerun of the same run
     name) or, in local mode, from our own newest checkpoint folder: weights, optimizer,
     schedule, step and data position."""
-    import ray.train
 
     ctx = run.ctx
     ckpt = ray.train.get_checkpoint()
@@ -338,7 +335,6 @@ def _log_sample(run: Run, x, out) -> None:
 def report(run: Run, metrics: dict[str, float], *, save: bool) -> None:
     """ray.train.report at eval and checkpoint steps: Tune schedulers (ASHA) see every eval;
     rank 0 attaches the checkpoint at checkpoint steps."""
-    import ray.train
 
     ctx = run.ctx
     metrics = {**metrics, "step": run.step}

@@ -23,7 +23,11 @@ import logging
 import threading
 import time
 
+import ray
+from ray.exceptions import ActorDiedError
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.train.v2.api import data_parallel_trainer as dpt
+from ray.util.placement_group import placement_group_table, remove_placement_group
 
 PING_INTERVAL_S = 1.0
 PING_TIMEOUT_S = 10.0  # a controller busy for longer than this still counts as alive
@@ -39,8 +43,6 @@ class PlacementGroupReaper(WorkerGroupCallback):
     controller dies (a group removed normally is simply forgotten)."""
 
     def after_worker_group_start(self, worker_group) -> None:
-        import ray
-
         pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
         watch(ray.get_runtime_context().current_actor, pg)
         return super().after_worker_group_start(worker_group)
@@ -50,7 +52,6 @@ def install_reaper() -> bool:
     """Make TorchTrainers built in this process (a Tune trial actor) use PlacementGroupReaper
     instead of Ray Train's State-API-based PlacementGroupCleanerCallback. False if this Ray
     has no such hook (then pass PlacementGroupReaper() in the run's callbacks instead)."""
-    from ray.train.v2.api import data_parallel_trainer as dpt
 
     if not hasattr(dpt, "PlacementGroupCleanerCallback"):
         return False
@@ -61,8 +62,6 @@ def install_reaper() -> bool:
 def watch(controller, pg, *, attempts: int = 10) -> None:
     """Register (controller actor handle, placement group) with the cluster's reaper,
     starting the reaper if there is none."""
-    import ray
-    from ray.exceptions import ActorDiedError
 
     for attempt in range(attempts):
         # DEFAULT scheduling: otherwise the reaper is captured into the Tune trial's
@@ -84,8 +83,6 @@ def watch(controller, pg, *, attempts: int = 10) -> None:
 
 @functools.cache
 def _reaper_class():
-    import ray
-
     return ray.remote(_Reaper)
 
 
@@ -112,8 +109,6 @@ class _Reaper:
             return sorted(self._watched)
 
     def run(self) -> None:
-        import ray
-
         with self._lock:
             if self._running:
                 return
@@ -144,9 +139,6 @@ class _Reaper:
 def _reap(items: dict[str, tuple]) -> list[str]:
     """Ping every watched controller at once; remove the groups of dead ones. -> keys no
     longer to watch (group removed, by us or by its run)."""
-    import ray
-    from ray.exceptions import ActorDiedError
-    from ray.util.placement_group import placement_group_table, remove_placement_group
 
     done = [k for k, (_, pg) in items.items()
             if placement_group_table(pg).get("state", "REMOVED") == "REMOVED"]
