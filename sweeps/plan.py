@@ -25,15 +25,10 @@ from sweeps.config import (
 from sweeps.space import Invalid, check_space, format_point, points
 
 
-@dataclass(frozen=True)
-class SweepPlan:
-    """A checked sweep: what `run_sweep` runs and `hip compare` / the outcomes refer to."""
+class Tracked:
+    """Where a sweep's runs go: the MLflow URI and experiment of its base config."""
 
-    sweep: SweepConfig
-    sweep_file: str
-    base: TrainConfig  # resolved (absolute paths); storage.path is the sweep's train/ folder
-    sweep_dir: str
-    invalid: list[Invalid] = field(default_factory=list)
+    base: TrainConfig
 
     @property
     def uri(self) -> str:
@@ -42,6 +37,17 @@ class SweepPlan:
     @property
     def experiment(self) -> str:
         return self.base.tracking.experiment
+
+
+@dataclass(frozen=True)
+class SweepPlan(Tracked):
+    """A checked sweep: what `run_sweep` runs and `hip compare` / the outcomes refer to."""
+
+    sweep: SweepConfig
+    sweep_file: str
+    base: TrainConfig  # resolved (absolute paths); storage.path is the sweep's train/ folder
+    sweep_dir: str
+    invalid: list[Invalid] = field(default_factory=list)
 
     @property
     def tune_dir(self) -> str:
@@ -77,4 +83,4 @@ def plan_sweep(sweep_file: str | Path, overrides: list[str] = ()) -> SweepPlan:
     return SweepPlan(sweep, str(Path(sweep_file).resolve()), cfg, sweep_dir, invalid)
 
 
-__all__ = ["SweepPlan", "plan_sweep"]
+__all__ = ["SweepPlan", "Tracked", "plan_sweep"]

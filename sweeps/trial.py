@@ -29,27 +29,20 @@ from pipeline.train.driver import JobError, run_training
 from sweeps import tags as T
 from sweeps.callbacks import TrialReport
 from sweeps.config import Stage, SweepConfig, trial_config
+from sweeps.plan import Tracked
 from sweeps.space import check_point
 
 REPORTED = ("loss", "val_loss", "val_accuracy", "lr", "step")
 
 
 @dataclass(frozen=True)
-class TrialSetup:
+class TrialSetup(Tracked):
     """What every trial of a sweep gets (pickled once into the trainable)."""
 
     sweep: SweepConfig
     base: TrainConfig  # resolved: absolute paths, storage.path = the sweep's train/ folder
     parent_run_id: str
     data_context: dict[str, Any] = field(default_factory=dict)  # Ray Data settings to copy
-
-    @property
-    def uri(self) -> str:
-        return self.base.tracking.uri
-
-    @property
-    def experiment(self) -> str:
-        return self.base.tracking.experiment
 
 
 def trial_runs(uri: str, parent_run_id: str, trial_id: str, stage: str | None = None,
