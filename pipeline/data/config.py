@@ -29,6 +29,9 @@ class AudioSettings(StrictModel):
     min_seconds: float = Field(
         0.0, ge=0, description="Shorter clips are rejected as too_short (0: any non-empty clip)."
     )
+    max_channels: int = Field(
+        64, ge=1, le=4096, description="Files with more channels are rejected as too_large "
+        "(the decoder holds every channel of the window it keeps before the mono mix).")
     dtype: Literal["int16", "float32"] = Field(
         "int16", description="Storage of the audio column: int16 = round(x * 32767), clipped "
         "(half the bytes of float32 to write, store and read; quantisation noise at -96 dBFS, "
@@ -114,6 +117,16 @@ class ReadSettings(StrictModel):
     strategy: Literal["tasks", "actors"] = Field(
         "tasks", description="Ray Data compute: stateless tasks or a fixed actor pool."
     )
+    max_file_mb: float = Field(
+        4096.0, gt=0, description="Inputs larger than this are rejected as too_large from "
+        "the listing's sizes, before any byte is read.")
+    file_timeout_s: float = Field(
+        300.0, gt=0, description="Read + decode time limit per file: a file over it becomes "
+        "a reject (reason timeout) and its batch goes on without it.")
+    isolate: bool = Field(
+        True, description="Decode in a child process of each decode worker, so a decoder "
+        "that crashes the process (reject reason crashed) or hangs (timeout) costs only its "
+        "file. Off: a crash fails the task and Ray's retries end the job.")
     op_reservation: bool = Field(
         False, description="Ray Data's per-operator resource reservation. Off by default: "
         "this job has one operator, and with it on Ray starts one task alone and waits for "

@@ -10,9 +10,14 @@ REASON_TOO_SHORT = "too_short"  # audio shorter than min_samples after resamplin
 REASON_NO_SAMPLES = "no_samples"  # audio stream with zero samples
 REASON_NO_FRAMES = "no_frames"  # video stream without one decodable frame
 REASON_UNSUPPORTED = "unsupported"  # recognised, but no decoder / conversion in this build
+# Found by the job around the decoders (listing, the isolating child process):
+REASON_NOT_A_FILE = "not_a_file"  # a FIFO, device, socket or dangling symlink in the input
+REASON_TIMEOUT = "timeout"  # read + decode ran past read.file_timeout_s
+REASON_CRASHED = "crashed"  # the decoder killed its process (segfault, abort, OOM kill)
 REASONS = frozenset(
     {REASON_EMPTY, REASON_NOT_MEDIA, REASON_CORRUPT, REASON_TOO_LARGE, REASON_TOO_SHORT}
     | {REASON_NO_SAMPLES, REASON_NO_FRAMES, REASON_UNSUPPORTED}
+    | {REASON_NOT_A_FILE, REASON_TIMEOUT, REASON_CRASHED}
 )
 
 # File extensions (lower case, with dot) the preprocessing job lists per modality.
