@@ -1,7 +1,9 @@
 """Decoding inside Ray workers: listing rows -> normalised rows or reject rows.
 
 Row layout and shapes: see pipeline/data/preprocess.py. Nothing here raises on a bad file:
-every failure becomes a row with split="rejects" and a reason.
+every failure becomes a row with split="rejects" and a reason ("unreadable" and
+"decode_error" are found here, "timeout" and "crashed" by pipeline/data/isolate.py, the rest
+by the decoders in media/).
 """
 
 from __future__ import annotations
@@ -15,17 +17,9 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data import codec, layout, media
+from pipeline.data import codec, isolate, layout, media
 from pipeline.data.config import AUDIO_INT16_SCALE, PreprocessConfig
-
-
-class _Reject(Exception):
-    """A reject found by the job itself (media.MediaError covers decoding): reasons
-    "unreadable" (the file could not be read) and "decode_error" (unexpected failure)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
+from pipeline.data.listing import unescape_path
 
 
 @dataclass(frozen=True)
@@ -37,6 +31,9 @@ class DecodeSpec:
     audio: dict[str, int]
     video: dict[str, int]
     audio_dtype: str = "int16"  # or "float32"; int16 holds round(x * 32767) (to_int16)
+    file_timeout_s: float = 300.0  # read.file_timeout_s (enforced with isolate only)
+    isolate: bool = True  # read.isolate: decode in a child process (pipeline/data/isolate.py)
+    fetch_mb: float = 64.0  # remote inputs: raw MB fetched at once (read.block_mb)
 
     @classmethod
     def from_config(cls, cfg: PreprocessConfig) -> DecodeSpec:
@@ -49,6 +46,8 @@ class DecodeSpec:
             video={"num_frames": cfg.video.frames, "size": cfg.video.size,
                    "max_pixels": cfg.video.max_pixels},
             audio_dtype=a.dtype,
+            file_timeout_s=cfg.read.file_timeout_s, isolate=cfg.read.isolate,
+            fetch_mb=cfg.read.block_mb,
         )
 
     @property
@@ -99,21 +98,56 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
     return np.rint(out, out=out).astype(np.int16)
 
 
-def _read_each(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[bytes | Exception]:
-    """Whole-file bytes per path, in order; an error is yielded in place, never raised."""
-    if getattr(fs, "async_impl", False):  # gcsfs: fetch the batch concurrently, not serially
-        async def fetch() -> list[Any]:
-            jobs = (fs._cat_file(p) for p in paths)
-            return await asyncio.gather(*jobs, return_exceptions=True)
+def _waves(sizes: list[int], budget: int) -> Iterator[list[int]]:
+    """Indices grouped so that each group's listed bytes stay within `budget` (a file
+    larger than the budget goes alone)."""
+    group: list[int] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if group and total + size > budget:
+            yield group
+            group, total = [], 0
+        group.append(i)
+        total += size
+    if group:
+        yield group
 
-        yield from fsspec.asyn.sync(fs.loop, fetch)
+
+def _fetch(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes | Exception]:
+    """Whole-file bytes of remote paths, fetched concurrently; an error in place of bytes."""
+    async def fetch() -> list[Any]:
+        return await asyncio.gather(*(fs._cat_file(p) for p in paths), return_exceptions=True)
+
+    return fsspec.asyn.sync(fs.loop, fetch)
+
+
+def _results(paths: list[str], sizes: list[int], todo: list[int], spec: DecodeSpec,
+             fs: fsspec.AbstractFileSystem) -> Iterator[tuple[int, tuple]]:
+    """(index, ("ok", values) | ("err", reason, detail)) for each index in `todo`.
+
+    Local files are read by whoever decodes them (the isolating child: a read that hangs
+    counts against the file's time limit). Remote files are fetched concurrently, in waves
+    of at most spec.fetch_mb listed bytes, then handed over as bytes."""
+    def run(items: list[tuple[int, str | bytes]]) -> Iterator[tuple[int, tuple]]:
+        if spec.isolate:
+            yield from isolate.decode_isolated(items, spec.decode, fs.cat_file,
+                                               spec.file_timeout_s)
+        else:
+            for i, source in items:
+                yield i, isolate.decode_one(spec.decode, fs.cat_file, source)
+
+    if not getattr(fs, "async_impl", False):
+        yield from run([(i, paths[i]) for i in todo])
         return
-    for p in paths:  # local: one file in memory at a time
-        try:
-            data = fs.cat_file(p)
-        except Exception as e:  # one unreadable file must not end the job
-            data = e
-        yield data
+    budget = int(spec.fetch_mb * 2**20)
+    for wave in _waves([sizes[i] for i in todo], budget):
+        chosen = [todo[w] for w in wave]
+        fetched = _fetch(fs, [paths[i] for i in chosen])
+        for i, data in zip(chosen, fetched, strict=True):
+            if isinstance(data, BaseException):
+                yield i, ("err", "unreadable", f"{type(data).__name__}: {data}"[:500])
+        yield from run([(i, d) for i, d in zip(chosen, fetched, strict=True)
+                        if not isinstance(d, BaseException)])
 
 
 def decode_batch(
@@ -121,29 +155,32 @@ def decode_batch(
 ) -> pa.Table:
     """Listing rows (B) -> decoded rows (B): tensors, or zeros + split="rejects" + reason.
 
-    Tensors leave as raw bytes (see codec.tensor_to_arrow). Rejects keep zero tensors only
-    in flight (one schema per block); ShardSink drops those columns for rejects/.
+    Rows the listing already rejected (not_a_file, too_large) are never read. Tensors leave
+    as raw bytes (see codec.tensor_to_arrow). Rejects keep zero tensors only in flight (one
+    schema per block); ShardSink drops those columns for rejects/.
     """
-    paths = [str(p) for p in batch["path"]]
+    paths = [unescape_path(str(p)) for p in batch["path"]]
     n = len(paths)
     out = {k: np.zeros((n, *shape), dtype) for k, (shape, dtype) in spec.tensors.items()}
     split = [str(s) for s in batch["split"]]
-    reason, detail = [""] * n, [""] * n
-    for i, data in enumerate(_read_each(fs, paths)):
-        try:
-            if isinstance(data, BaseException):
-                raise _Reject("unreadable", f"{type(data).__name__}: {data}")
-            values = spec.decode(data)
-            for key, (shape, dtype) in spec.tensors.items():
-                value = np.asarray(values[key])
-                if value.shape != shape or value.dtype != np.dtype(dtype):
-                    raise _Reject(
-                        "decode_error", f"{key}: got {value.dtype}{value.shape}, "
-                        f"expected {dtype}{shape}")
-                out[key][i] = value
-        except Exception as e:  # quarantine every failure as a reject
-            reason[i] = getattr(e, "reason", "decode_error")
-            detail[i] = (getattr(e, "detail", "") or f"{type(e).__name__}: {e}")[:500]
+    reason = [str(r) for r in batch.get("reject", [""] * n)]
+    detail = [str(d) for d in batch.get("detail", [""] * n)]
+    sizes = [int(s) for s in batch.get("size", [0] * n)]
+    todo = [i for i in range(n) if not reason[i]]
+    for i, result in _results(paths, sizes, todo, spec, fs):
+        if result[0] == "ok":
+            values = {key: np.asarray(v) for key, v in result[1].items()}
+            bad = [f"{key}: got {values[key].dtype}{values[key].shape}, expected "
+                   f"{dtype}{shape}" for key, (shape, dtype) in spec.tensors.items()
+                   if values[key].shape != shape or values[key].dtype != np.dtype(dtype)]
+            if not bad:
+                for key in spec.tensors:
+                    out[key][i] = values[key]
+                continue
+            result = ("err", "decode_error", bad[0])
+        reason[i], detail[i] = result[1], result[2][:500]
+    for i in range(n):
+        if reason[i]:
             split[i] = layout.REJECTS
     text = {"id": batch["id"], "label_name": batch["label_name"], "source": batch["source"],
             "split": split, "reason": reason, "detail": detail}
