@@ -42,7 +42,7 @@ import ray.data
 
 from pipeline import storage
 from pipeline.config import config_hash, config_to_dict
-from pipeline.data import layout, writer
+from pipeline.data import isolate, layout, writer
 from pipeline.data.config import PreprocessConfig
 from pipeline.data.decode import Decoder, DecodeSpec, decode_batch
 from pipeline.data.listing import Listing, list_inputs
@@ -225,11 +225,13 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
         if cfg.read.strategy == "actors":
             ds = ds.map_batches(
                 Decoder, fn_constructor_args=(spec, in_fs), batch_size=None,
+                **isolate.fault_remote_args(),
                 batch_format="numpy", num_cpus=cfg.read.num_cpus,
                 compute=ray.data.ActorPoolStrategy(size=workers))
         else:
             ds = ds.map_batches(
                 decode_batch, fn_kwargs={"spec": spec, "fs": in_fs},
+                **isolate.fault_remote_args(),
                 batch_size=None, batch_format="numpy", num_cpus=cfg.read.num_cpus,
                 compute=ray.data.TaskPoolStrategy(size=workers))
         start = time.perf_counter()
