@@ -1,0 +1,166 @@
+"""Preprocessing on hostile corpora: every input ends as a row, and what isolation costs.
+
+    python -m benchmarks.hostile_corpus [--images 2000] [--audio 60] [--long-minutes 10]
+        [--workdir DIR]
+
+Rows of the table (each a real `run_preprocess` on a local Ray, workers warm):
+  images, isolate on/off   --images good 256 px PNGs -> 224 px: the cost of decoding in a
+                           child process (read.isolate) on ordinary data
+  hostile images           12 good PNGs + a FIFO, a link to /dev/zero, a dangling link, a
+                           non-UTF-8 name, a text file, an oversized file, a decoder that
+                           crashes and one that hangs (the test-only fault hook; timeout 5 s)
+  long audio               --audio 3-s clips + one --long-minutes 8-channel 48 kHz FLAC:
+                           the job keeps 2.56 s of each (issue 17: no worker > ~1 GB)
+Columns: inputs, accepted, rejects by reason, wall seconds, rows/s, and the largest RSS of
+any single process of the job (driver, Ray workers, decode children), sampled every 0.1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+from benchmarks.common import load_avg, machine
+from benchmarks.preprocess_speed import _tree
+from pipeline.config import load_config
+from pipeline.data.config import PreprocessConfig
+from pipeline.data.isolate import DECODE_FAULT_ENV
+from pipeline.data.preprocess import run_preprocess
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+class MaxProcessRss:
+    """The largest RSS any process of this tree reached (sampled), and which one."""
+
+    def __enter__(self) -> MaxProcessRss:
+        self.peak, self.name, self._stop = 0.0, "", threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in _tree(os.getpid()):
+                rss = _rss_mb(pid)
+                if rss > self.peak:
+                    try:
+                        with open(f"/proc/{pid}/comm") as f:
+                            self.peak, self.name = rss, f.read().strip()
+                    except OSError:
+                        continue
+            self._stop.wait(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def good_images(root: Path, n: int, side: int = 256) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cls = root / f"c{i % 10}"
+        cls.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, (8, 8, 3), np.uint8)  # smooth, like photos compress
+        Image.fromarray(base).resize((side, side), Image.BILINEAR).save(cls / f"{i}.png")
+
+
+def hostile_images(root: Path) -> None:
+    good_images(root, 12, side=64)
+    bad = root / "c0"
+    os.mkfifo(bad / "fifo.png")
+    os.symlink("/dev/zero", bad / "zero.png")
+    os.symlink(root / "missing.png", bad / "dangling.png")
+    Image.new("RGB", (64, 64)).save(os.fsdecode(bytes(bad) + b"/caf\xe9.png"))
+    (bad / "text.png").write_text("not an image\n")
+    noise = np.random.default_rng(1).integers(0, 256, (1024, 1024, 3), np.uint8)
+    Image.fromarray(noise).save(bad / "huge.png")  # ~3 MB: over read.max_file_mb=1
+    for name in ("crashme.png", "hangme.png"):
+        Image.new("RGB", (64, 64)).save(bad / name)
+
+
+def audio_corpus(root: Path, n: int, long_minutes: float) -> None:
+    rng = np.random.default_rng(2)
+    for i in range(n):
+        cls = root / f"c{i % 4}"
+        cls.mkdir(parents=True, exist_ok=True)
+        sf.write(cls / f"{i}.wav", 0.1 * rng.standard_normal(3 * 16_000).astype(np.float32),
+                 16_000)
+    rate, channels = 48_000, 8
+    with sf.SoundFile(root / "c0" / "long.flac", "w", rate, channels, "PCM_16") as f:
+        for _ in range(int(long_minutes * 60)):  # one second at a time: bounded here too
+            f.write(0.1 * rng.standard_normal((rate, channels)).astype(np.float32))
+
+
+def run(name: str, src: Path, out: Path, modality: str, overrides: list[str],
+        fault: str = "") -> list[str]:
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(PreprocessConfig, None, overrides,
+                      {"modality": modality, "input": str(src), "output": str(out)})
+    if fault:
+        os.environ[DECODE_FAULT_ENV] = fault
+    try:
+        with MaxProcessRss() as rss:
+            start = time.perf_counter()
+            m = run_preprocess(cfg, echo=lambda *_: None)
+            wall = time.perf_counter() - start
+    finally:
+        os.environ.pop(DECODE_FAULT_ENV, None)
+    rejects = ", ".join(f"{k} {v}" for k, v in sorted(m["rejects_by_reason"].items())) or "-"
+    return [name, "on" if cfg.read.isolate else "off", str(m["inputs"]), str(m["accepted"]),
+            rejects, f"{wall:.1f}", f"{m['inputs'] / wall:.1f}",
+            f"{rss.peak:.0f} ({rss.name})"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--audio", type=int, default=60)
+    ap.add_argument("--long-minutes", type=float, default=10.0)
+    ap.add_argument("--workdir", default="/tmp/hip-bench-hostile")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"machine: {machine()}")
+    good_images(work / "images", args.images)
+    hostile_images(work / "hostile")
+    audio_corpus(work / "audio", args.audio, args.long_minutes)
+    import ray
+
+    from pipeline.runtime import init_ray
+
+    init_ray()
+    run("warm-up", work / "hostile", work / "out", "image", ["read.max_file_mb=1"])
+    rows = [
+        run("images", work / "images", work / "out", "image", ["read.isolate=false"]),
+        run("images", work / "images", work / "out", "image", []),
+        run("hostile images", work / "hostile", work / "out", "image",
+            ["read.max_file_mb=1", "read.file_timeout_s=5"], "crash:crashme;hang:hangme"),
+        run("long audio", work / "audio", work / "out", "audio", ["audio.sample_rate=16000"]),
+    ]
+    head = ["corpus", "isolate", "inputs", "accepted", "rejects by reason", "wall s", "rows/s",
+            "max process RSS MB"]
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print(f"\nload average after: {load_avg()}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
