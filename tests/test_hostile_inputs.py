@@ -125,3 +125,13 @@ def test_preprocess_finishes_on_a_hostile_folder(hostile, tmp_path, monkeypatch,
                        "hangme.png": "timeout"}
     sources = {r["source"] for r in reader.open_shards(str(out), "train").take_all()}
     assert any(s.endswith("caf\\xe9.png") for s in sources)
+
+
+def test_remote_fetch_waves_stay_within_the_byte_budget():
+    from pipeline.data.decode import _waves
+
+    sizes = [40, 30, 50, 200, 10, 10, 90]
+    waves = list(_waves(sizes, 100))
+    assert [i for w in waves for i in w] == list(range(len(sizes)))  # each once, in order
+    assert waves == [[0, 1], [2], [3], [4, 5], [6]]
+    assert all(sum(sizes[i] for i in w) <= 100 for w in waves if len(w) > 1)
