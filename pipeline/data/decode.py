@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.data import codec, isolate, layout, media
 from pipeline.data.config import AUDIO_INT16_SCALE, PreprocessConfig
@@ -114,11 +115,21 @@ def _waves(sizes: list[int], budget: int) -> Iterator[list[int]]:
 
 
 def _fetch(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes | Exception]:
-    """Whole-file bytes of remote paths, fetched concurrently; an error in place of bytes."""
-    async def fetch() -> list[Any]:
-        return await asyncio.gather(*(fs._cat_file(p) for p in paths), return_exceptions=True)
+    """Whole-file bytes of remote paths (concurrently where the filesystem is async); an
+    error in place of bytes, never raised."""
+    if getattr(fs, "async_impl", False):
+        async def fetch() -> list[Any]:
+            jobs = (fs._cat_file(p) for p in paths)
+            return await asyncio.gather(*jobs, return_exceptions=True)
 
-    return fsspec.asyn.sync(fs.loop, fetch)
+        return fsspec.asyn.sync(fs.loop, fetch)
+    out: list[bytes | Exception] = []
+    for p in paths:
+        try:
+            out.append(fs.cat_file(p))
+        except Exception as e:  # noqa: BLE001 - one unreadable file must not end the job
+            out.append(e)
+    return out
 
 
 def _results(paths: list[str], sizes: list[int], todo: list[int], spec: DecodeSpec,
@@ -126,17 +137,17 @@ def _results(paths: list[str], sizes: list[int], todo: list[int], spec: DecodeSp
     """(index, ("ok", values) | ("err", reason, detail)) for each index in `todo`.
 
     Local files are read by whoever decodes them (the isolating child: a read that hangs
-    counts against the file's time limit). Remote files are fetched concurrently, in waves
-    of at most spec.fetch_mb listed bytes, then handed over as bytes."""
+    counts against the file's time limit). Remote files are fetched here (concurrently on
+    gs://), in waves of at most spec.fetch_mb listed bytes, and handed over as bytes."""
     def run(items: list[tuple[int, str | bytes]]) -> Iterator[tuple[int, tuple]]:
         if spec.isolate:
-            yield from isolate.decode_isolated(items, spec.decode, fs.cat_file,
+            yield from isolate.decode_isolated(items, spec.decode, isolate.read_local,
                                                spec.file_timeout_s)
         else:
             for i, source in items:
-                yield i, isolate.decode_one(spec.decode, fs.cat_file, source)
+                yield i, isolate.decode_one(spec.decode, isolate.read_local, source)
 
-    if not getattr(fs, "async_impl", False):
+    if isinstance(fs, LocalFileSystem):
         yield from run([(i, paths[i]) for i in todo])
         return
     budget = int(spec.fetch_mb * 2**20)

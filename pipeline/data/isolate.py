@@ -56,6 +56,12 @@ def decode_one(decode: Callable[[bytes], Any], read: Callable[[str], bytes],
         return ("err", getattr(e, "reason", "decode_error"), detail[:500])
 
 
+def read_local(path: str) -> bytes:
+    """A local file's bytes (picklable, unlike bound fsspec methods of async filesystems)."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def fault_remote_args() -> dict[str, Any]:
     """Ray remote args that carry DECODE_FAULT_ENV to the decode workers when the driver has
     it set (tests; workers of an already running cluster do not see the driver's env)."""
