@@ -49,12 +49,16 @@ class TrainResult:
 
 
 def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
-    """Resolve paths, read the manifest, build the model once on the meta device."""
+    """Resolve paths, read and validate the manifest (layout.validate: its format, every
+    shard file present with its recorded size), build the model once on the meta device."""
     cfg = resolve_paths(cfg)
     try:
         manifest = layout.read_manifest(cfg.data.path)
+        layout.validate(cfg.data.path, manifest)  # format, and every shard's size
     except FileNotFoundError as e:
         raise JobError(f"data.path: {e}") from None
+    except layout.DatasetError as e:
+        raise JobError(f"data.path: {e}; rerun hip preprocess") from None
     modality = dataset_modality(manifest)
     if cfg.data.modality and cfg.data.modality != modality:
         raise JobError(f"data.modality is {cfg.data.modality!r} but {cfg.data.path} holds "
@@ -206,7 +210,8 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
         train_fn_per_worker,
         train_loop_config={"args": WorkerArgs(
             cfg, manifest, run_id, splits=tuple(datasets), init_weights=init_ref,
-            init_from=cfg.finetune.init_from, local_dir=local_dir)},
+            init_from=cfg.finetune.init_from, local_dir=local_dir,
+            run_dir=storage.join(cfg.storage.path, run_name))},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
             resources_per_worker=cfg.trainer.resources_per_worker or None),
