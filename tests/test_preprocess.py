@@ -17,7 +17,7 @@ import soundfile as sf
 
 from hip_pipeline import main as cli
 from pipeline.data import codec, layout, reader
-from pipeline.data.preprocess import MARKER
+from pipeline.data.output import LOCK
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -99,12 +99,14 @@ def preprocess(capsys, *args: str, extra: tuple[str, ...] = ()) -> tuple[int, st
 
 
 def read_split(out: Path, split: str) -> dict[str, np.ndarray]:
-    """All rows of out/split/*.parquet via ray.data.read_parquet; tensor columns are raw
-    bytes on disk, rebuilt as (B, *shape) arrays from the manifest's shapes."""
+    """All rows of the split's files (as the manifest lists them) via ray.data.read_parquet;
+    tensor columns are raw bytes on disk, rebuilt as (B, *shape) arrays from the manifest's
+    shapes."""
     import ray.data
 
-    tensors = codec.tensor_column_schema(layout.read_manifest(str(out)))
-    ds = ray.data.read_parquet(str(out / split),
+    manifest = layout.read_manifest(str(out))
+    tensors = codec.tensor_column_schema(manifest)
+    ds = ray.data.read_parquet(layout.shard_uris(str(out), split, manifest),
                                tensor_column_schema=tensors if split != "rejects" else None)
     return ds.take_batch(10_000, batch_format="numpy")
 
@@ -134,8 +136,9 @@ def test_preprocess_modality(modality, inputs, ray_session, tmp_path, capsys):
     assert m["accepted"] + m["rejected"] == m["inputs"] and m["ignored_files"] == 1
     assert m["splits"]["train"] > 0 and m["splits"]["val"] > 0
     assert len(m["classes"]) == 10 and sum(m["label_counts"].values()) == good
-    assert not (out / MARKER).exists()
-    assert f"{m['inputs']} inputs -> {good} accepted" in stdout and str(out / "train") in stdout
+    assert not (out / LOCK).exists()
+    assert f"{m['inputs']} inputs -> {good} accepted" in stdout
+    assert str(out / m["generation"] / "train") in stdout
 
     for split in ("train", "val"):
         rows = read_split(out, split)
@@ -188,13 +191,15 @@ def test_manifest_records_config_and_files(inputs, ray_session, tmp_path, capsys
     field = pq.read_schema(out / m["files"]["train"][0]["path"]).field("image")
     assert field.metadata == {b"hip.shape": b"[32, 32, 3]", b"hip.dtype": b"uint8"}
     assert len(m["config_hash"]) == 64 and len(m["input_fingerprint"]) == 64
+    gen = m["generation"]
+    assert sorted(p.name for p in out.iterdir()) == [gen, "manifest.json"]
     for split in ("train", "val"):  # every file listed, none over the row bound
         listed = sorted(f["path"] for f in m["files"][split])
-        on_disk = sorted(f"{split}/{p.name}" for p in (out / split).glob("*.parquet"))
+        on_disk = sorted(f"{gen}/{split}/{p.name}" for p in (out / gen / split).glob("*"))
         assert listed == on_disk and all(0 < f["rows"] <= 5 for f in m["files"][split])
         assert sum(f["rows"] for f in m["files"][split]) == m["splits"][split]
     # open_shards reads exactly the listed files: a stray file in train/ is not read.
-    shutil.copy(out / m["files"]["train"][0]["path"], out / "train" / "stray.parquet")
+    shutil.copy(out / m["files"]["train"][0]["path"], out / gen / "train" / "stray.parquet")
     ds = reader.open_shards(str(out), "train")
     assert ds.count() == m["splits"]["train"]
     assert ds.take_batch(1, batch_format="numpy")["image"].shape == (1, 32, 32, 3)
@@ -273,24 +278,28 @@ def test_rerun_overwrite_and_crash_recovery(inputs, ray_session, tmp_path, capsy
     assert not set(files) & {p.name for p in out.rglob("*.parquet")}  # new run, new files
 
     # A finished output that lost a shard file is not "up to date": it is rebuilt.
-    next((out / "val").glob("*.parquet")).unlink()
+    (out / again["files"]["val"][0]["path"]).unlink()
     rc, stdout, _ = preprocess(capsys, *args)
-    assert rc == 0 and "up to date" not in stdout
+    assert rc == 0 and "up to date" not in stdout and "is missing" in stdout
     assert len(read_split(out, "val")["id"]) == first["splits"]["val"]
 
     # A different config without --overwrite is refused.
     rc, _, err = preprocess(capsys, *args, extra=("image.size=16",))
     assert rc == 2 and "--overwrite" in err and err.count("\n") == 1
 
-    # A crash: marker left, no manifest, a partial extra shard. Not "done"; no duplicates.
+    # Crashes: no manifest, the generation of a run that never switched to it, and what a
+    # crash of the layout before generations left (its marker, a partial train/ file).
+    # Not "done"; no duplicates; all of it removed.
+    m = layout.read_manifest(str(out))
     (out / "manifest.json").unlink()
-    (out / MARKER).write_text("{}")
-    shutil.copy(next((out / "train").glob("*.parquet")), out / "train" / "part-crashed.parquet")
+    (out / "_HIP_INCOMPLETE").write_text("{}")
+    (out / "train").mkdir()
+    shutil.copy(out / m["files"]["train"][0]["path"], out / "train" / "part-crashed.parquet")
     rc, stdout, _ = preprocess(capsys, *args)
     assert rc == 0 and "up to date" not in stdout
     m = layout.read_manifest(str(out))
     assert len(read_split(out, "train")["id"]) == m["splits"]["train"] == first["splits"]["train"]
-    assert not (out / "train" / "part-crashed.parquet").exists() and not (out / MARKER).exists()
+    assert sorted(p.name for p in out.iterdir()) == [m["generation"], "manifest.json"]
 
 
 def test_foreign_folder_is_not_overwritten(inputs, tmp_path, capsys):

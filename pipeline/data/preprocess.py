@@ -16,23 +16,22 @@ Row: id str, label int64 (-1: none), label_name str, source str, split str ("tra
      video -> video uint8 (F, S, S, 3); audio+video -> video, audio, has_audio bool.
 Reject row: source, id, reason, detail.
 
-Crash safety: before touching shards the job writes `_HIP_INCOMPLETE` and deletes any old
-manifest; then it clears train/ val/ rejects/, writes, writes the manifest, drops the marker.
-A crashed run therefore leaves a marker and no manifest, and the rerun clears its partial
-folders before writing, so rows are never duplicated.
+Reruns (pipeline/data/output.py): a run holds <output>/.hip-preprocess.lock (a second run
+on the same output is refused before Ray starts), writes its shards into a new generation
+<output>/gen-<run_id>/, switches manifest.json to it, and only then removes the older
+generations. Until the switch readers see the previous dataset, complete; a failed or killed
+run leaves it untouched, and the next run removes what the failed one wrote.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import posixpath
+import os
+import sys
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -42,23 +41,19 @@ import ray.data
 
 from pipeline import storage
 from pipeline.config import config_hash, config_to_dict
-from pipeline.data import isolate, layout, writer
+from pipeline.data import isolate, layout, output, writer
 from pipeline.data.config import PreprocessConfig
 from pipeline.data.decode import Decoder, DecodeSpec, decode_batch
+from pipeline.data.layout import FORMAT
 from pipeline.data.listing import Listing, list_inputs
+from pipeline.data.output import PreflightError
 from pipeline.runtime import cluster_cpus, init_ray
 
-MARKER = "_HIP_INCOMPLETE"
 ACCEPTED_COLUMNS = ["id", "label", "label_name", "source", "split"]
 REJECT_COLUMNS = ["source", "id", "reason", "detail"]
-FORMAT = "hip-shards/1"
 # Small inputs are cut into at least this many decode tasks per worker (A/B medians: 500
 # audio clips in 4 tasks ran at 180 rows/s, in 8 at 343 rows/s; docs/benchmarks.md).
 TASKS_PER_WORKER = 2
-
-
-class PreflightError(ValueError):
-    """A problem found before any Ray work; the message is one line for the user."""
 
 
 # --------------------------------------------------------------------------------------
@@ -73,10 +68,11 @@ class Plan:
     config_hash: str
     up_to_date: bool
     existing: dict[str, Any] | None  # the manifest already in the output, if any
+    reason: str = ""  # why an existing dataset is rebuilt, for the log
 
 
-def preflight(cfg: PreprocessConfig, *, overwrite: bool = False) -> Plan:
-    """Validate locations, list inputs, decide between skip and run. Raises PreflightError."""
+def preflight(cfg: PreprocessConfig) -> Listing:
+    """Validate locations and list inputs (no lock, no Ray). Raises PreflightError."""
     for key in ("input", "output"):
         if not getattr(cfg, key):
             raise PreflightError(f"--{key} is required")
@@ -85,8 +81,13 @@ def preflight(cfg: PreprocessConfig, *, overwrite: bool = False) -> Plan:
     except (ValueError, OSError) as e:
         raise PreflightError(str(e)) from None
     _check_output(cfg.input, cfg.output)
+    return listing
+
+
+def plan_run(cfg: PreprocessConfig, listing: Listing, *, overwrite: bool = False) -> Plan:
+    """Skip or run, from the output's manifest (call it holding the output's lock)."""
     digest = config_hash(cfg, exclude=set(cfg.LOCATION_KEYS))
-    existing = _read_manifest(cfg.output)
+    existing = _read_manifest(cfg.output, overwrite)
     if existing is not None:
         same = (existing.get("config_hash"), existing.get("input_fingerprint")) == (
             digest, listing.fingerprint)
@@ -94,27 +95,37 @@ def preflight(cfg: PreprocessConfig, *, overwrite: bool = False) -> Plan:
             raise PreflightError(
                 f"{cfg.output} holds shards from a different config or inputs; "
                 "pass --overwrite to replace them")
-        if same and not overwrite and not _missing_files(existing, cfg.output):
-            return Plan(cfg, listing, digest, True, existing)
-        # Otherwise rebuild: --overwrite, or our own output (it has our manifest) lost files.
-    elif not overwrite and not storage.exists(storage.join(cfg.output, MARKER)):
-        ours = [d for d in (*layout.SPLITS, layout.REJECTS)
-                if storage.exists(storage.join(cfg.output, d))]
+        if overwrite:
+            return Plan(cfg, listing, digest, False, existing,
+                        f"replacing {cfg.output} (--overwrite); its current shards stay "
+                        "readable until the new ones are complete")
+        try:  # same config and inputs: up to date unless the shards were damaged
+            layout.validate(cfg.output, existing)
+        except layout.DatasetError as e:
+            return Plan(cfg, listing, digest, False, existing, f"rebuilding {cfg.output}: {e}")
+        return Plan(cfg, listing, digest, True, existing)
+    legacy = storage.exists(storage.join(cfg.output, output.LEGACY_MARKER))
+    if not overwrite and not legacy:
+        ours = [d for d in output.LEGACY if storage.exists(storage.join(cfg.output, d))]
         if ours:
             raise PreflightError(
                 f"{cfg.output} has {', '.join(ours)}/ but no manifest.json or run marker "
                 "(not written by hip preprocess?); choose another output or pass --overwrite")
-    return Plan(cfg, listing, digest, False, existing)
+    return Plan(cfg, listing, digest, False, None)
 
 
 def _check_output(input_uri: str, output_uri: str) -> None:
     in_fs, in_path = storage.resolve(input_uri)
     out_fs, out_path = storage.resolve(output_uri)
     if in_fs.protocol == out_fs.protocol:
-        a, b = in_path.rstrip("/") + "/", out_path.rstrip("/") + "/"
+        a, b = in_path, out_path
+        if storage.is_local(input_uri) and storage.is_local(output_uri):
+            # A symlink must not hide an overlap (realpath also resolves missing tails).
+            a, b = os.path.realpath(a), os.path.realpath(b)
+        a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
         if a.startswith(b) or b.startswith(a):
             raise PreflightError(f"input {input_uri} and output {output_uri} overlap")
-    probe = f"{out_path}/.hip-write-probe-{uuid.uuid4().hex[:8]}"
+    probe = f"{out_path}/.hip-write-probe-{output.new_run_id()}"
     try:
         if out_fs.exists(out_path) and not out_fs.isdir(out_path):
             raise PreflightError(f"output {output_uri} is a file, not a folder")
@@ -130,23 +141,18 @@ def _check_output(input_uri: str, output_uri: str) -> None:
         raise PreflightError(f"output {output_uri} is not writable ({why})") from None
 
 
-def _read_manifest(output: str) -> dict[str, Any] | None:
-    """The output's manifest, or None if there is none."""
-    uri = storage.join(output, layout.MANIFEST)
+def _read_manifest(out: str, overwrite: bool) -> dict[str, Any] | None:
+    """The output's manifest, or None if there is none (or, with --overwrite, if it is
+    unreadable: it names no data anyone can read)."""
+    uri = storage.join(out, layout.MANIFEST)
     if not storage.exists(uri):
         return None
     try:
         return storage.read_json(uri)
     except (OSError, ValueError) as e:
+        if overwrite:
+            return None
         raise PreflightError(f"{uri} is unreadable ({e}); pass --overwrite to rebuild") from None
-
-
-def _missing_files(manifest: dict[str, Any], output: str) -> int:
-    """How many shard files the manifest lists but the output no longer has."""
-    fs, path = storage.resolve(output)
-    present = {posixpath.relpath(p, path) for p in fs.find(path)} if fs.exists(path) else set()
-    listed = [f["path"] for files in manifest.get("files", {}).values() for f in files]
-    return sum(1 for rel in listed if rel not in present)
 
 
 # --------------------------------------------------------------------------------------
@@ -154,34 +160,42 @@ def _missing_files(manifest: dict[str, Any], output: str) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _warn(message: str) -> None:
+    print(f"hip: warning: {message}", file=sys.stderr)
+
+
 def run_preprocess(
-    cfg: PreprocessConfig, *, overwrite: bool = False, echo: Callable[[str], None] = print
+    cfg: PreprocessConfig, *, overwrite: bool = False, echo: Callable[[str], None] = print,
+    warn: Callable[[str], None] = _warn,
 ) -> dict[str, Any]:
-    """Pre-flight, then (unless up to date) the Ray Data job. Returns the manifest."""
-    plan = preflight(cfg, overwrite=overwrite)
-    if plan.up_to_date:
-        echo(f"up to date: {cfg.output} (config and {plan.listing.count} inputs unchanged; "
-             "--overwrite to rebuild)")
-        return plan.existing
-
-    init_ray()
-    _start_run(cfg.output)
-    manifest = _execute(plan, echo)
-    storage.write_json(storage.join(cfg.output, layout.MANIFEST), manifest)
-    fs, path = storage.resolve(cfg.output)
-    fs.rm(f"{path}/{MARKER}")
-    echo(summary(manifest))
-    return manifest
-
-
-def _start_run(output: str) -> None:
-    """Mark the output incomplete, then drop the manifest and every shard folder we own."""
-    fs, path = storage.resolve(output)
-    with fs.open(f"{path}/{MARKER}", "w") as f:
-        f.write(json.dumps({"started": _now()}) + "\n")
-    for name in (layout.MANIFEST, *layout.SPLITS, layout.REJECTS):
-        if fs.exists(f"{path}/{name}"):
-            fs.rm(f"{path}/{name}", recursive=True)
+    """Pre-flight, the output's lock, then (unless up to date) the Ray Data job into a new
+    generation, the manifest switch and the removal of older generations. Returns the
+    manifest."""
+    listing = preflight(cfg)
+    run_id = output.new_run_id()
+    with output.locked(cfg.output, run_id, warn):
+        plan = plan_run(cfg, listing, overwrite=overwrite)
+        live = output.live_generations(plan.existing)
+        leftovers = output.remove_generations(cfg.output, keep=live)
+        if leftovers:
+            echo(f"removed {len(leftovers)} unfinished generation(s) of earlier runs: "
+                 f"{', '.join(leftovers)}")
+        if plan.up_to_date:
+            echo(f"up to date: {cfg.output} (config and {listing.count} inputs unchanged; "
+                 "--overwrite to rebuild)")
+            return plan.existing
+        if plan.reason:
+            echo(plan.reason)
+        init_ray()
+        gen = output.generation(run_id)
+        manifest = _execute(plan, run_id, gen, echo)
+        storage.write_json(storage.join(cfg.output, layout.MANIFEST), manifest)  # the switch
+        old = output.remove_generations(cfg.output, keep={gen}) + output.remove_legacy(
+            cfg.output)
+        echo(summary(manifest))
+        if old:
+            echo(f"  removed the previous shards: {', '.join(old)}")
+        return manifest
 
 
 def batch_rows(cfg: PreprocessConfig, row_bytes: int, count: int, workers: int,
@@ -197,7 +211,8 @@ def batch_rows(cfg: PreprocessConfig, row_bytes: int, count: int, workers: int,
     return max(1, min(limits))
 
 
-def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
+def _execute(plan: Plan, run_id: str, gen: str, echo: Callable[[str], None]
+             ) -> dict[str, Any]:
     cfg, listing = plan.cfg, plan.listing
     spec = DecodeSpec.from_config(cfg)
     workers = cfg.read.concurrency or max(1, int(cluster_cpus() // cfg.read.num_cpus))
@@ -206,15 +221,16 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
     fused = cfg.shards.write == "fused" and cfg.read.strategy == "tasks"
     batch = batch_rows(cfg, _row_bytes(spec), listing.count, workers,
                        rows_per_file if fused else None)
-    echo(f"preprocessing {listing.count} {cfg.modality} files: {cfg.input} -> {cfg.output} "
+    root = storage.join(cfg.output, gen)
+    echo(f"preprocessing {listing.count} {cfg.modality} files: {cfg.input} -> {root} "
          f"({workers} decode {cfg.read.strategy}, batch {batch}, {rows_per_file} rows/file, "
          f"{cfg.shards.write} write)")
     in_fs, _ = storage.resolve(cfg.input)
     tensors = list(spec.tensors)
     sink = writer.ShardSink(
-        cfg.output, tensors={k: v for k, v in spec.tensors.items() if v[0]},
+        root, tensors={k: v for k, v in spec.tensors.items() if v[0]},
         rows_per_file=rows_per_file, compression=cfg.shards.compression,
-        run_id=uuid.uuid4().hex[:8], bundle_rows=not fused,
+        run_id=run_id, bundle_rows=not fused,
         columns={"train": ACCEPTED_COLUMNS + tensors, "val": ACCEPTED_COLUMNS + tensors,
                  layout.REJECTS: REJECT_COLUMNS})
     # One listing block per decode batch, and batch_size=None below (= one whole block per
@@ -245,7 +261,11 @@ def _execute(plan: Plan, echo: Callable[[str], None]) -> dict[str, Any]:
             # resources keep Ray from fusing decode+write into tasks of a whole file's rows.
             ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
         elapsed = time.perf_counter() - start
-    return build_manifest(plan, spec, sink.result, elapsed)
+    result = sink.result
+    for files in result["files"].values():  # manifest paths are relative to the output
+        for f in files:
+            f["path"] = f"{gen}/{f['path']}"
+    return build_manifest(plan, spec, result, elapsed, gen)
 
 
 @contextmanager
@@ -291,7 +311,7 @@ def _row_bytes(spec: DecodeSpec) -> int:
 
 
 def build_manifest(
-    plan: Plan, spec: DecodeSpec, result: dict[str, Any], elapsed: float
+    plan: Plan, spec: DecodeSpec, result: dict[str, Any], elapsed: float, gen: str
 ) -> dict[str, Any]:
     cfg, listing = plan.cfg, plan.listing
     counts = result["counts"]
@@ -319,11 +339,12 @@ def build_manifest(
         "columns": columns,  # tensors: raw C-order bytes per row (codec.tensor_to_arrow)
         "schema": {"rows": result["schemas"].get("train") or result["schemas"].get("val"),
                    "rejects": result["schemas"].get(layout.REJECTS)},
-        "files": result["files"],
+        "generation": gen,  # the folder of this run's shards
+        "files": result["files"],  # paths relative to the output: <generation>/<split>/...
         "shuffle_seed": cfg.shards.shuffle_seed,  # rows written in the order of shuffled()
         "config": config_to_dict(cfg), "config_hash": plan.config_hash,
         "input_fingerprint": listing.fingerprint,
-        "created": _now(), "elapsed_s": round(elapsed, 3),
+        "created": output.now(), "elapsed_s": round(elapsed, 3),
         "rows_per_s": round(listing.count / elapsed, 2) if elapsed > 0 else None,
         "versions": _versions(),
     }
@@ -333,7 +354,7 @@ def summary(m: dict[str, Any]) -> str:
     """The end-of-job report: counts, rejects by reason, speed, where the shards are."""
     out = m["config"]["output"]
     reasons = ", ".join(f"{k} {v}" for k, v in m["rejects_by_reason"].items()) or "none"
-    files = ", ".join(f"{storage.join(out, s)}/ ({len(m['files'][s])} files)"
+    files = ", ".join(f"{storage.join(out, m['generation'], s)}/ ({len(m['files'][s])} files)"
                       for s in (*layout.SPLITS, layout.REJECTS))
     shapes = ", ".join(f"{k} {c['dtype']}{tuple(c['shape'])}" for k, c in m["columns"].items())
     return "\n".join([
@@ -345,10 +366,6 @@ def summary(m: dict[str, Any]) -> str:
         f"  shards: {files}",
         f"  manifest: {storage.join(out, layout.MANIFEST)}",
     ])
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _versions() -> dict[str, str]:
