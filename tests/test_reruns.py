@@ -126,6 +126,28 @@ def test_a_held_lock_refuses_a_second_run_before_ray(raw, tmp_path, capsys, no_r
     assert sorted(p.name for p in out.iterdir()) == [LOCK]
 
 
+def test_the_lock_is_released_on_ctrl_c_and_only_if_still_ours(raw, tmp_path, capsys,
+                                                              monkeypatch):
+    import pipeline.data.preprocess as prep
+    from pipeline.data import output
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "init_ray", lambda: None)
+    monkeypatch.setattr(prep, "_execute", interrupted)  # Ctrl-C during the Ray job
+    out = tmp_path / "out"
+    rc, _, err = preprocess(capsys, raw, out)
+    assert rc == 130 and err == "hip: interrupted\n"
+    assert sorted(p.name for p in out.iterdir()) == []  # no lock, no manifest
+
+    # A lock someone replaced (they judged ours dead) is theirs: not removed at our end.
+    with output.locked(str(out), "aaaa0000", print):
+        assert json.loads((out / LOCK).read_text())["run_id"] == "aaaa0000"
+        (out / LOCK).write_text(json.dumps({"run_id": "bbbb0000"}))
+    assert json.loads((out / LOCK).read_text()) == {"run_id": "bbbb0000"}
+
+
 def test_a_dead_runs_lock_is_taken_over(raw, ray_session, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
