@@ -20,6 +20,9 @@ def add_parsers(sub) -> None:
             p.add_argument("--init-from", metavar="RUN_ID_OR_URI",
                            help="MLflow run id or checkpoint folder/URI of an MAE run "
                                 "(omit to train from scratch)")
+        p.add_argument("--restart", action="store_true",
+                       help="remove the checkpoints of this run name and train from step 0 "
+                            "(without it, a rerun of a run name resumes its checkpoints)")
         p.add_argument("overrides", nargs="*", metavar="key=value")
         p.set_defaults(func=_command(task))
 
@@ -35,7 +38,7 @@ def _command(task: str):
             values["finetune.init_from"] = args.init_from
         cfg = load_config(TrainConfig, args.config, args.overrides, values)
         try:
-            result = run_training(cfg)
+            result = run_training(cfg, restart=args.restart)
         except JobError as e:
             raise UsageError(str(e)) from None
         m = result.metrics

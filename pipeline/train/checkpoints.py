@@ -9,6 +9,8 @@ read it: no pickled code.
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +21,8 @@ import torch
 from pipeline import storage, tracking
 
 STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+CHECKPOINT_PREFIX = "checkpoint_"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -34,40 +38,110 @@ def make_state(model, optimizer, scheduler, *, step: int, config: Mapping[str, A
             "config": dict(config), "manifest_hash": manifest_hash}
 
 
-def save_state(state: Mapping[str, Any], folder: str | Path) -> Path:
+def meta_of(state: Mapping[str, Any], run_id: str | None = None,
+            metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The small JSON beside state.pt (META_FILE): what resume checks need without loading
+    the weights (pipeline/train/resume.py): step, manifest hash, task and model config, data
+    position, the MLflow run and its last reported metrics."""
+    config = state.get("config") or {}
+    return {"step": int(state["step"]), "manifest_hash": state.get("manifest_hash"),
+            "task": config.get("task"), "model": config.get("model"),
+            "data": dict(state.get("data") or {}), "run_id": run_id,
+            "metrics": {k: v for k, v in (metrics or {}).items()
+                        if isinstance(v, int | float | str)}}
+
+
+def save_state(state: Mapping[str, Any], folder: str | Path, run_id: str | None = None,
+               metrics: Mapping[str, Any] | None = None) -> Path:
+    """state.pt + meta.json in a local folder (Ray Train uploads the folder as one
+    checkpoint and registers it only once the upload is complete)."""
     path = Path(folder) / STATE_FILE
     torch.save(dict(state), path)
+    (Path(folder) / META_FILE).write_text(json.dumps(meta_of(state, run_id, metrics)) + "\n")
     return path
 
 
-def persist_state(state: Mapping[str, Any], root: str, step: int, keep: int) -> str:
-    """Write `state` to `root`/checkpoint_<step>/state.pt (local or gs://) and drop all but
-    the `keep` newest such folders; -> the new folder's URI. For runs without Ray Train's
-    own persistence (trainer.num_workers=0 runs the loop in the driver: Ray's local mode)."""
+def persist_state(state: Mapping[str, Any], root: str, step: int, keep: int,
+                  run_id: str | None = None, metrics: Mapping[str, Any] | None = None) -> str:
+    """Write `state` to `root`/checkpoint_<step>/ (local or gs://) so that a reader sees the
+    whole checkpoint or none of it, then drop all but the `keep` newest; -> the folder's
+    URI. For runs without Ray Train's own persistence (trainer.num_workers=0: local mode).
+
+    Local: each file written to a temporary name, fsync'ed and renamed (atomic on POSIX).
+    gs://: an object appears only when its upload completes, so a listed state.pt is whole.
+    Either way a crash mid-write leaves the previous checkpoints as they were."""
     fs, base = storage.resolve(root)
-    dest = f"{base}/checkpoint_{step:06d}"
+    dest = f"{base}/{CHECKPOINT_PREFIX}{step:06d}"
     fs.makedirs(dest, exist_ok=True)
-    with fs.open(f"{dest}/{STATE_FILE}", "wb") as f:
-        torch.save(dict(state), f)
-    for old in _step_folders(fs, base)[:-keep]:
-        fs.rm(old, recursive=True)
-    return storage.join(root, f"checkpoint_{step:06d}")
+    meta = json.dumps(meta_of(state, run_id, metrics)) + "\n"
+    if storage.is_local(root):
+        _atomic_write(Path(dest) / STATE_FILE, lambda f: torch.save(dict(state), f))
+        _atomic_write(Path(dest) / META_FILE, lambda f: f.write(meta.encode()))
+    else:
+        with fs.open(f"{dest}/{STATE_FILE}", "wb") as f:
+            torch.save(dict(state), f)
+        with fs.open(f"{dest}/{META_FILE}", "w") as f:
+            f.write(meta)
+    for old in step_folders(root)[keep:]:
+        fs.rm(storage.resolve(old)[1], recursive=True)
+    return storage.join(root, f"{CHECKPOINT_PREFIX}{step:06d}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _order(name: str) -> tuple[int, int, str]:
+    """Newest-first sort key of a checkpoint folder name: our checkpoint_<step> by the step
+    as a number (checkpoint_1000000 is newer than checkpoint_999999), Ray Train's
+    checkpoint_<timestamp> by the timestamp."""
+    tail = name.removeprefix(CHECKPOINT_PREFIX)
+    return (1, int(tail), "") if tail.isdigit() else (0, 0, tail)
+
+
+def step_folders(root: str) -> list[str]:
+    """URIs of the checkpoint folders under `root` that hold a state file, newest first."""
+    fs, base = storage.resolve(root)
+    if not fs.exists(base):
+        return []
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)}
+    found = [n for n in names
+             if n.startswith(CHECKPOINT_PREFIX) and fs.exists(f"{base}/{n}/{STATE_FILE}")]
+    return [storage.join(root, n) for n in sorted(found, key=_order, reverse=True)]
 
 
 def latest_persisted(root: str) -> str | None:
-    """The newest `persist_state` checkpoint under `root` (its state file's URI), if any."""
-    fs, base = storage.resolve(root)
-    if not fs.exists(base):
-        return None
-    folders = [f for f in _step_folders(fs, base) if fs.exists(f"{f}/{STATE_FILE}")]
-    if not folders:
-        return None
-    return storage.join(root, folders[-1].rsplit("/", 1)[-1], STATE_FILE)
+    """The newest checkpoint's state file under `root`, if any (it may still be unreadable:
+    load_newest falls back)."""
+    folders = step_folders(root)
+    return storage.join(folders[0], STATE_FILE) if folders else None
 
 
-def _step_folders(fs, base: str) -> list[str]:
-    return sorted(p for p in fs.ls(base, detail=False)
-                  if p.rsplit("/", 1)[-1].startswith("checkpoint_"))
+def read_meta(folder: str) -> dict[str, Any] | None:
+    """meta.json of a checkpoint folder (None for checkpoints from before it existed, or an
+    unreadable one)."""
+    try:
+        return storage.read_json(storage.join(folder, META_FILE))
+    except (OSError, ValueError):
+        return None
+
+
+def load_newest(folders: list[str], warn=print) -> tuple[dict[str, Any], str] | None:
+    """The first of `folders` (newest first) whose state file loads, and its folder; an
+    unreadable one (a truncated write, a half-copied file) is skipped with a warning."""
+    for folder in folders:
+        try:
+            return load_state(storage.join(folder, STATE_FILE)), folder
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+            warn(f"[hip] warning: checkpoint {folder} is unreadable "
+                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); trying the one "
+                 "before it")
+    return None
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pipeline import storage, tracking
 from pipeline.config import config_to_dict
 from pipeline.data import layout, reader
 from pipeline.runtime import init_ray
-from pipeline.train import checkpoints
+from pipeline.train import checkpoints, resume
 from pipeline.train.batches import TENSOR_COLUMNS, dataset_modality
 from pipeline.train.build import build_model
 from pipeline.train.config import TrainConfig, resolve_paths
@@ -163,14 +163,22 @@ def _data_config(cfg: TrainConfig):
 
 def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
                  extra_tags: dict[str, str] | None = None, callbacks: list | None = None,
-                 log=print) -> TrainResult:
+                 restart: bool = False, log=print) -> TrainResult:
     """Run one pretrain/finetune job on the current (or a new local) Ray cluster.
 
     trainer.num_workers=0 runs the loop in this process (Ray Train's local mode: no
     controller or worker actors, no DDP, no worker restarts); checkpoints are then written
     by the loop itself under storage.path/<run name>/, and a rerun of the same run name
-    resumes from the newest. Ray Train callbacks do not run in local mode."""
+    resumes from the newest. Ray Train callbacks do not run in local mode.
+
+    A run name that already holds checkpoints resumes them only if they are the same job
+    (pipeline/train/resume.py, else JobError); restart=True removes them first. A run that
+    already reached trainer.steps returns its last result without training."""
     cfg, manifest = preflight(cfg)
+    run_name = _run_name(cfg)
+    done = _resume_or_restart(cfg, manifest, run_name, restart, log)
+    if done is not None:
+        return done
     init_weights = _init_weights(cfg, manifest) if cfg.finetune.init_from else None
 
     init_ray()
@@ -180,7 +188,6 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     reaper = [] if install_reaper() else [PlacementGroupReaper()]
     # Through the object store, so workers on other nodes get the weights too.
     init_ref = ray.put(init_weights) if init_weights is not None else None
-    run_name = _run_name(cfg)
     resolved = config_to_dict(cfg)
     tags = {"hip.task": cfg.task, "hip.preset": cfg.model.preset,
             "hip.manifest_hash": tracking.manifest_hash(manifest),
@@ -240,6 +247,28 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     metrics = dict(result.metrics or {})
     return TrainResult(run_id=run_id, run_name=run_name, checkpoint=ckpt_uri, metrics=metrics,
                        elapsed_s=elapsed)
+
+
+def _resume_or_restart(cfg: TrainConfig, manifest: dict[str, Any], run_name: str,
+                       restart: bool, log) -> TrainResult | None:
+    """Checks on the run name's existing checkpoints (before Ray): a TrainResult if the run
+    is already complete, JobError if they belong to another job, None to go on."""
+    if restart:
+        if resume.clear(cfg, run_name):
+            log(f"[hip] --restart: removed the checkpoints of run {run_name!r}")
+        return None
+    try:
+        prev = resume.check(cfg, tracking.manifest_hash(manifest), run_name)
+    except resume.ResumeMismatch as e:
+        raise JobError(str(e)) from None
+    if prev is None or prev.step < cfg.trainer.steps:
+        return None
+    log(f"[hip] run {run_name!r} is already complete (step {prev.step} of "
+        f"{cfg.trainer.steps}, MLflow run {prev.run_id}): nothing to train; pass --restart "
+        "to train it again")
+    return TrainResult(run_id=prev.run_id or "", run_name=run_name,
+                       checkpoint=prev.folder,
+                       metrics={**prev.metrics, "step": prev.step}, elapsed_s=0.0)
 
 
 def _worker_env() -> dict[str, Any] | None:

@@ -54,6 +54,7 @@ class WorkerArgs:
     init_weights: Any = None  # ObjectRef of a state dict (finetune.init_from) or None
     init_from: str | None = None  # where init_weights came from, for the log line
     local_dir: str | None = None  # local mode (num_workers=0): where the loop checkpoints
+    run_dir: str | None = None  # storage.path/<run name>: the run's checkpoint folders
 
 
 @dataclass
@@ -65,6 +66,7 @@ class _Ctx:
     world: int
     device: torch.device
     local_dir: str | None = None  # set in local mode (trainer.num_workers=0): see report
+    run_dir: str | None = None  # where every checkpoint of this run lives (fallbacks)
 
     @property
     def logs(self) -> bool:
@@ -154,7 +156,8 @@ def setup(args: WorkerArgs) -> Run:
     cfg = args.cfg
     tctx = ray.train.get_context()
     ctx = _Ctx(cfg, args.manifest, args.run_id, tctx.get_world_rank(), tctx.get_world_size(),
-               ray.train.torch.get_device(), local_dir=args.local_dir)
+               ray.train.torch.get_device(), local_dir=args.local_dir,
+               run_dir=args.run_dir or args.local_dir)
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -189,18 +192,12 @@ def _init_weights(model: torch.nn.Module, args: WorkerArgs, ctx: _Ctx) -> None:
 def _resume(run: Run) -> None:
     """Continue from Ray's checkpoint (after a worker-group restart or a rerun of the same run
     name) or, in local mode, from our own newest checkpoint folder: weights, optimizer,
-    schedule, step and data position."""
-
+    schedule, step and data position. An unreadable checkpoint (a truncated write) is
+    skipped with a warning for the one before it."""
     ctx = run.ctx
-    ckpt = ray.train.get_checkpoint()
-    persisted = checkpoints.latest_persisted(ctx.local_dir) if ctx.local_dir else None
-    if ckpt is None and not persisted:
+    state = _newest_state(ctx, ray.train.get_checkpoint())
+    if state is None:
         return
-    if persisted:  # local mode: our own checkpoint folders (Ray's local mode has none)
-        state = checkpoints.load_state(persisted)
-    else:
-        with ckpt.as_directory() as d:
-            state = checkpoints.load_state(Path(d) / checkpoints.STATE_FILE)
     checkpoints.unwrap(run.model).load_state_dict(state["model"])
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
@@ -212,6 +209,31 @@ def _resume(run: Run) -> None:
         print(f"[hip] resumed from step {run.step}", flush=True)
     if ctx.logs:
         tracking.set_tags(ctx.cfg.tracking.uri, ctx.run_id, {RESUMED_TAG: str(run.step)})
+
+
+def _newest_state(ctx: _Ctx, ckpt) -> dict[str, Any] | None:
+    """The newest readable checkpoint state: in local mode among our own folders; with Ray
+    Train, Ray's latest registered checkpoint, then the older folders of the run."""
+    if ctx.local_dir:  # local mode: our own checkpoint folders (Ray's local mode has none)
+        folders = checkpoints.step_folders(ctx.local_dir)
+    elif ckpt is not None:
+        folders = checkpoints.step_folders(ctx.run_dir) if ctx.run_dir else []
+        names = [f.rsplit("/", 1)[-1] for f in folders]
+        name = ckpt.path.rstrip("/").rsplit("/", 1)[-1]
+        if name not in names:  # not where we expected it: Ray's own copy, no fallback
+            with ckpt.as_directory() as d:
+                return checkpoints.load_state(Path(d) / checkpoints.STATE_FILE)
+        folders = folders[names.index(name):]  # newer folders are not registered: skipped
+    else:
+        return None
+    if not folders:
+        return None
+    found = checkpoints.load_newest(
+        folders, warn=(lambda m: print(m, flush=True)) if ctx.rank == 0 else (lambda m: None))
+    if found is None:
+        raise RuntimeError(f"no readable checkpoint in {ctx.run_dir} ({len(folders)} tried); "
+                           "pass --restart to train this run from step 0")
+    return found[0]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -346,11 +368,12 @@ def report(run: Run, metrics: dict[str, float], *, save: bool) -> None:
                 manifest_hash=tracking.manifest_hash(ctx.manifest), data_position=run.position)
             if ctx.local_dir:  # local mode: Ray Train would keep only a temp folder
                 where = storage.storage_kwargs(checkpoints.persist_state(
-                    state, ctx.local_dir, run.step, ctx.cfg.trainer.num_to_keep))
+                    state, ctx.local_dir, run.step, ctx.cfg.trainer.num_to_keep, ctx.run_id,
+                    metrics))
                 checkpoint = ray.train.Checkpoint(where["storage_path"],
                                                   filesystem=where.get("storage_filesystem"))
             else:
-                checkpoints.save_state(state, tmp)
+                checkpoints.save_state(state, tmp, ctx.run_id, metrics)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
