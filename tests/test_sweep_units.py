@@ -27,7 +27,8 @@ def fake_shards(root: Path, side: int, rows: int = 1000) -> Path:
     """A manifest with the shapes a sweep is meant for: preflight reads only the manifest."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").write_text(json.dumps({
-        "modality": "image", "columns": {"image": {"dtype": "uint8", "shape": [side, side, 3]}},
+        "format": "hip-shards/1", "modality": "image",
+        "columns": {"image": {"dtype": "uint8", "shape": [side, side, 3]}},
         "splits": {"train": rows, "val": rows // 10},
         "classes": [f"c{i}" for i in range(10)]}))
     return root

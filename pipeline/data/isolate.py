@@ -82,9 +82,7 @@ def _maybe_fault(spec: str, path: str) -> None:
 def _child_main(inbox: Connection, outbox: Connection) -> None:
     """The child's loop: (decode, read, items, fault) in, one Result per item out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the job, not here
-    import pipeline.data.decode  # noqa: F401 - what the pickled decode callables need
-
-    outbox.send("ready")
+    outbox.send("ready")  # unpickling the first batch imports what decode needs
     while True:
         try:
             decode, read, items, fault = inbox.recv()
