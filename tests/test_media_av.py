@@ -16,17 +16,21 @@ from media_files import (
     RED,
     assert_fresh,
     assert_reason,
+    av_audio_bytes,
     grey_frames,
     image_bytes,
     peak_hz,
     tone,
     video_bytes,
     wav_bytes,
+    whole_file_audio,
 )
 from PIL import Image
 from scipy.signal import resample_poly
 
 from pipeline.data import media
+from pipeline.data.media import audio as audio_module
+from pipeline.data.media import video as video_module
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +142,71 @@ def test_m4a_goes_through_pyav():
     assert 0.4 < np.abs(out).max() <= 0.6  # averaged, not summed
 
 
+def _noise(channels: int, seconds: float, rate: int) -> np.ndarray:
+    """(channels, T) float32 in [-0.5, 0.5]."""
+    x = np.random.default_rng(2).uniform(-0.5, 0.5, (channels, round(seconds * rate)))
+    return x.astype(np.float32)
+
+
+WINDOWED_FILES = {  # name -> bytes: each decoder path (seek, read through, count + decode)
+    "wav-3ch": lambda: wav_bytes(_noise(3, 8, 44_100).T, 44_100),
+    "flac-24bit": lambda: wav_bytes(_noise(2, 8, 44_100).T, 44_100, fmt="FLAC", subtype="PCM_24"),
+    "ogg-vorbis": lambda: wav_bytes(_noise(2, 8, 44_100).T, 44_100, fmt="OGG", subtype="VORBIS"),
+    "mp3": lambda: wav_bytes(_noise(2, 8, 44_100).T, 44_100, fmt="MP3",
+                             subtype="MPEG_LAYER_III"),
+    "m4a-aac": lambda: av_audio_bytes(
+        np.stack([tone(440, 44_100, 8), tone(660, 44_100, 8)]), 44_100,
+        fmt="ipod", codec="aac", layout="stereo"),
+    "mkv-opus": lambda: av_audio_bytes(_noise(2, 8, 48_000), 48_000, fmt="matroska",
+                                       codec="libopus", layout="stereo"),
+    "mp4-flac": lambda: av_audio_bytes(_noise(1, 8, 48_000), 48_000, fmt="mp4", codec="flac",
+                                       layout="mono"),
+}
+
+
+@pytest.mark.parametrize("name", list(WINDOWED_FILES))
+@pytest.mark.parametrize(("rate_out", "num_samples"), [(48_000, 122_880), (16_000, 40_960),
+                                                        (16_000, 16_000 * 10)])
+def test_windowed_decode_equals_decoding_the_whole_file(name, rate_out, num_samples):
+    """Decoding only the window (seek, or read up to it) gives what decoding every sample,
+    resampling it all and cropping gave; the last case pads a file shorter than the crop."""
+    data = WINDOWED_FILES[name]()
+    out = media.decode_audio(data, sample_rate=rate_out, num_samples=num_samples)
+    want = whole_file_audio(data, sample_rate=rate_out, num_samples=num_samples)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mp3", "mkv-opus"])
+def test_second_pass_equals_keeping_the_whole_head(name, monkeypatch):
+    """Streams of unknown length are decoded once when short; longer ones twice."""
+    data = WINDOWED_FILES[name]()
+    once = media.decode_audio(data, sample_rate=16_000, num_samples=40_960)
+    monkeypatch.setattr(audio_module, "_HEAD_BYTES", 0)
+    np.testing.assert_array_equal(
+        media.decode_audio(data, sample_rate=16_000, num_samples=40_960), once)
+
+
+def test_truncation_after_the_window_is_still_corrupt():
+    flac = wav_bytes(_noise(1, 20, 8_000)[0], 8_000, fmt="FLAC")
+    cut = flac[: len(flac) * 7 // 10]  # the centre 2.56 s are intact, the header says 20 s
+    assert_reason("corrupt", media.decode_audio, cut)
+
+
+def test_channels_over_max_channels_are_too_large():
+    five = wav_bytes(_noise(5, 0.5, 8_000).T, 8_000)
+    err = assert_reason("too_large", media.decode_audio, five, max_channels=4)
+    assert "5 channels" in err.detail
+    assert media.decode_audio(five, max_channels=5).any()
+    surround = av_audio_bytes(_noise(3, 0.5, 48_000), 48_000, fmt="matroska", codec="flac",
+                              layout="2.1")  # through FFmpeg
+    assert_reason("too_large", media.decode_audio, surround, max_channels=2)
+    assert media.decode_audio(surround, max_channels=3).any()
+    stereo_clip = video_bytes(grey_frames(2), audio=np.stack([tone(440, 16_000, 0.5)] * 2))
+    assert_reason("too_large", media.decode_video, stereo_clip, with_audio=True, max_channels=1)
+    assert media.decode_video(stereo_clip, max_channels=1)[2]  # the track is not decoded
+    assert media.decode_video(stereo_clip, with_audio=True, max_channels=2)[2]
+
+
 def test_min_samples_counts_after_resampling():
     data = wav_bytes(tone(200, 8_000, 0.125), 8_000)  # 1000 samples -> 2000 at 16 kHz
     assert media.decode_audio(data, sample_rate=16_000, num_samples=100, min_samples=2_000).any()
@@ -232,3 +301,34 @@ def test_video_with_undecodable_frames(clip_with_audio):
     garbage = clip_with_audio[:start] + b"\xab" * length + clip_with_audio[start + length :]
     err = assert_reason("no_frames", media.decode_video, garbage)
     assert err.detail
+
+
+@pytest.mark.parametrize(
+    ("fmt", "codec"), [("mp4", "mpeg4"), ("mp4", "libx264"), ("matroska", "libx264")],
+    ids=["mp4", "h264-bframes", "mkv"])
+def test_seeking_to_frames_equals_one_pass(fmt, codec, monkeypatch):
+    if codec not in av.codecs_available:
+        pytest.skip(f"no {codec} encoder in this PyAV build")
+    noise = np.random.default_rng(3).integers(0, 40, (240, 32, 32, 3))
+    frames = (grey_frames(240, step=1, h=32, w=32) + noise).astype(np.uint8)
+    data = video_bytes(frames, fmt=fmt, codec=codec, gop=12)  # 20 keyframes
+    index = video_module._index(data, 0, strict=True)
+    wanted = np.linspace(0, 239, 8).round().astype(np.int64)
+    assert video_module._seek_pays(index, wanted)  # 8 seeks decode <= 96 of 240 frames
+    seeking, _, _ = media.decode_video(data, num_frames=8, size=16)
+    monkeypatch.setattr(video_module, "_seek_pays", lambda *_: False)
+    one_pass, _, _ = media.decode_video(data, num_frames=8, size=16)
+    np.testing.assert_array_equal(seeking, one_pass)
+    short = video_module._index(video_bytes(grey_frames(10)), 0, strict=True)
+    assert not video_module._seek_pays(short, np.linspace(0, 9, 8).round().astype(np.int64))
+
+
+def test_video_audio_track_is_the_window_of_decoding_it_whole():
+    fade_in = np.linspace(0, 1, 192_000, dtype=np.float32)
+    data = video_bytes(grey_frames(4), audio=tone(440, 16_000, 12.0) * fade_in)
+    for rate, n in [(16_000, 40_960), (48_000, 122_880)]:
+        _, audio, has_audio = media.decode_video(
+            data, num_frames=2, size=8, with_audio=True, sample_rate=rate, num_samples=n)
+        assert has_audio
+        want = whole_file_audio(data, sample_rate=rate, num_samples=n)
+        np.testing.assert_allclose(audio, want, atol=1e-5)

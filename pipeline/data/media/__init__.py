@@ -7,6 +7,9 @@ Shape letters: S output side (`size`), F frames (`num_frames`), T samples, C cha
     decode_image -> (S, S, 3) uint8 RGB
     decode_audio -> (T,) float32 mono in [-1, 1] at `sample_rate`, T = `num_samples`
     decode_video -> (F, S, S, 3) uint8 RGB, (T,) float32 audio or None, has_audio
+
+Memory follows the output, not the file: audio is decoded only over the window the centre
+crop keeps (audio.py), video keeps only the sampled frames.
 """
 
 from pipeline.data.media.audio import decode_audio

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import av
 
@@ -43,12 +44,24 @@ def _decode_packets(
     streams: Sequence[av.stream.Stream],
     on_frame: Callable[[av.VideoFrame | av.AudioFrame], None],
 ) -> str:
-    """Demux and decode `streams`, calling on_frame per frame; -> first error text or "".
+    """Demux and decode `streams`, calling on_frame per frame; -> first error text or ""."""
+    errors: list[str] = []
+    for frame in _decoded(container, streams, errors):
+        on_frame(frame)
+    return errors[0] if errors else ""
+
+
+def _decoded(
+    container: av.container.InputContainer,
+    streams: Sequence[av.stream.Stream],
+    errors: list[str],
+) -> Iterator[av.VideoFrame | av.AudioFrame]:
+    """Demux and decode `streams` from where the container stands, frame by frame; decoding
+    errors are appended to `errors`. Stopping early (break) leaves the rest undecoded.
 
     Like ffmpeg, decoding goes on past a bad packet, so one damaged packet does not cost the
     file; callers decide from what was decoded.
     """
-    error = ""
     try:
         for packet in container.demux(*streams):
             try:
@@ -56,18 +69,11 @@ def _decode_packets(
             except av.error.DecoderNotFoundError as e:
                 raise MediaError(REASON_UNSUPPORTED, _describe(e)) from e
             except av.FFmpegError as e:
-                error = error or _describe(e)
+                errors.append(_describe(e))
                 continue
-            for frame in frames:
-                on_frame(frame)
+            yield from frames
     except av.FFmpegError as e:  # the container ends early: flush what the decoders hold
-        error = error or _describe(e)
+        errors.append(_describe(e))
         for stream in streams:
-            try:
-                for frame in stream.codec_context.decode(None):
-                    on_frame(frame)
-            except av.FFmpegError:
-                pass
-    return error
-
-
+            with contextlib.suppress(av.FFmpegError):
+                yield from stream.codec_context.decode(None)
