@@ -43,7 +43,7 @@ class DecodeSpec:
             modality=cfg.modality,
             image={"size": cfg.image.size, "max_pixels": cfg.image.max_pixels},
             audio={"sample_rate": a.sample_rate, "num_samples": a.num_samples,
-                   "min_samples": a.min_samples},
+                   "min_samples": a.min_samples, "max_channels": a.max_channels},
             video={"num_frames": cfg.video.frames, "size": cfg.video.size,
                    "max_pixels": cfg.video.max_pixels},
             audio_dtype=a.dtype,
@@ -72,7 +72,8 @@ class DecodeSpec:
             return {"audio": self._stored(media.decode_audio(data, **self.audio))}
         with_audio = self.modality == "audio+video"
         kwargs = {"sample_rate": self.audio["sample_rate"],
-                  "num_samples": self.audio["num_samples"]} if with_audio else {}
+                  "num_samples": self.audio["num_samples"],
+                  "max_channels": self.audio["max_channels"]} if with_audio else {}
         frames, audio, has_audio = media.decode_video(
             data, **self.video, with_audio=with_audio, **kwargs
         )
