@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipeline import storage, tracking
+from pipeline import locks, storage, tracking
 from pipeline.config import config_to_dict
 from pipeline.runtime import init_ray
 from sweeps import tags as T
@@ -35,6 +36,7 @@ from sweeps.space import format_point, grid_size, to_tune
 from sweeps.trial import TrialSetup, train_trial
 
 STATE_FILE = "sweep.json"
+LOCK = ".hip-sweep.lock"
 
 
 class SweepError(ValueError):
@@ -103,6 +105,33 @@ def _read_state(plan: SweepPlan) -> dict[str, Any] | None:
 
 def _space_json(sweep: SweepConfig) -> dict[str, Any]:
     return {k: d.model_dump(mode="json", exclude_none=True) for k, d in sweep.space.items()}
+
+
+def _definition(sweep: SweepConfig) -> dict[str, Any]:
+    """What a resumed sweep must keep (the trials already run were scored by it)."""
+    return {"kind": sweep.kind, "metric": sweep.metric, "mode": sweep.mode,
+            "overrides": sweep.overrides, "finetune_overrides": sweep.finetune_overrides}
+
+
+def _check_same_sweep(plan: SweepPlan, state: dict[str, Any]) -> None:
+    """--resume continues the sweep that was started: same space, same definition, same
+    resolved base job config (data, steps, model, ...). Else SweepError naming the first
+    differences, since the finished trials would be compared with trials of another job."""
+    s = plan.sweep
+    now = {"space": _space_json(s), "definition": _definition(s),
+           "base": config_to_dict(plan.base)}
+    changed = []
+    for part, current in now.items():
+        if part not in state:  # a sweep.json from before this part was recorded
+            continue
+        old, new = tracking.flatten(state[part]), tracking.flatten(current)
+        changed += [f"{part}.{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+        raise SweepError(f"sweep {s.name} at {plan.sweep_dir} was started with another "
+                         f"configuration: {'; '.join(changed[:3])}{more}; resume needs the "
+                         f"same one, or name=OTHER starts another sweep")
 
 
 def _open_parent(plan: SweepPlan, max_concurrent: int) -> str:
@@ -186,7 +215,19 @@ def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
 def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResult:
     """Run the sweep on the current or a new local Ray cluster. resume=True continues the
     sweep of the same name under storage.path (or starts it if there is none); without it an
-    existing sweep of that name is an error (SweepError), never overwritten."""
+    existing sweep of that name is an error (SweepError), never overwritten. One `hip sweep`
+    per sweep folder at a time (LOCK, pipeline/locks.py): a second one is a SweepError."""
+    if storage.is_local(plan.sweep_dir):
+        Path(plan.sweep_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        with locks.locked(plan.sweep_dir, LOCK, uuid.uuid4().hex[:8],
+                          warn=lambda m: log(f"[hip] warning: {m}"), activity="used"):
+            return _run_locked(plan, resume, log)
+    except locks.LockHeld as e:
+        raise SweepError(f"sweep {plan.sweep.name}: {e}") from None
+
+
+def _run_locked(plan: SweepPlan, resume: bool, log) -> SweepResult:
     state = _read_state(plan)
     s = plan.sweep
     if state and not resume:
@@ -195,9 +236,8 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
                          f"name=OTHER to start another")
     if resume and state is None:  # as Tuner.can_restore: resume when there is something
         log(f"[hip] nothing to resume at {plan.sweep_dir}: starting sweep {s.name}")
-    if state and state["space"] != _space_json(s):
-        raise SweepError(f"sweep {s.name} at {plan.sweep_dir} was started with another space "
-                         f"({state['space']}); resume needs the same space")
+    if state:
+        _check_same_sweep(plan, state)
 
     init_ray()
     cluster = ray.cluster_resources()
@@ -210,11 +250,10 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResul
         tracking.set_tags(plan.uri, parent, T.to_resumed(time.strftime("%Y-%m-%dT%H:%M:%S")))
     else:
         parent = _open_parent(plan, max_concurrent)
-        if storage.is_local(plan.sweep_dir):
-            Path(plan.sweep_dir).mkdir(parents=True, exist_ok=True)
         storage.write_json(storage.join(plan.sweep_dir, STATE_FILE), {
             "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
             "sweep_file": plan.sweep_file, "space": _space_json(s),
+            "definition": _definition(s), "base": config_to_dict(plan.base),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     log(f"[hip] sweep {s.name}: MLflow parent run {parent} in experiment {plan.experiment!r} "
         f"at {plan.uri}; up to {max_concurrent} trials at once; Tune experiment "

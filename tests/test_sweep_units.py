@@ -177,3 +177,47 @@ def test_the_best_trial_ignores_trials_without_a_metric():
     assert pick_best(t, "min").trial_id == "a"
     assert pick_best(t, "max").trial_id == "b"
     assert pick_best(t[2:], "min") is None
+
+
+def test_resume_refuses_a_sweep_whose_base_config_changed(tmp_path):
+    from pipeline.config import config_to_dict
+    from sweeps.driver import SweepError, _check_same_sweep, _definition, _space_json
+
+    plan = _plan(tmp_path)
+    state = {"space": _space_json(plan.sweep), "definition": _definition(plan.sweep),
+             "base": config_to_dict(plan.base)}
+    _check_same_sweep(plan, state)  # the same sweep: fine
+    changed = _plan(tmp_path, "trainer.steps=77", "optim.lr=0.5")
+    with pytest.raises(SweepError) as e:
+        _check_same_sweep(changed, state)
+    msg = str(e.value)
+    assert "base.optim.lr: " in msg and "-> 0.5" in msg and "base.trainer.steps: " in msg
+    _check_same_sweep(changed, {"space": state["space"]})  # an old sweep.json: space only
+
+
+def test_a_second_sweep_of_the_same_name_is_refused_while_one_runs(tmp_path, capsys):
+    import os
+    import socket
+
+    from hip_pipeline import main as cli
+    from sweeps.driver import LOCK
+
+    data = fake_shards(tmp_path / "shards", side=16)
+    args = ["sweep", "--config", str(ROOT / "sweeps" / "tiny.yaml"), f"data.path={data}",
+            f"storage.path={tmp_path / 'ck'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+    plan = plan_sweep(ROOT / "sweeps" / "tiny.yaml", args[3:])
+    Path(plan.sweep_dir).mkdir(parents=True)
+    held = {"host": socket.gethostname(), "pid": os.getpid(), "started": "now", "run_id": "a"}
+    (Path(plan.sweep_dir) / LOCK).write_text(json.dumps(held))
+    assert cli.main(args) == 2  # refused before Ray starts
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is being used by another run" in err and LOCK in err
+    assert not (Path(plan.sweep_dir) / "sweep.json").exists()
+
+
+def test_the_rayjob_entrypoint_resumes_its_sweep():
+    import yaml
+
+    job = yaml.safe_load((ROOT / "infra" / "kuberay-rayjob.yaml").read_text())
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[:2] == ["hip", "sweep"] and "--resume" in entry
