@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import av
 
@@ -37,18 +37,6 @@ def _open_av(data: bytes, modality: str, demuxers: str) -> av.container.InputCon
         raise MediaError(REASON_TOO_LARGE, _describe(e)) from e
     except Exception as e:
         raise MediaError(REASON_CORRUPT, _describe(e)) from e
-
-
-def _decode_packets(
-    container: av.container.InputContainer,
-    streams: Sequence[av.stream.Stream],
-    on_frame: Callable[[av.VideoFrame | av.AudioFrame], None],
-) -> str:
-    """Demux and decode `streams`, calling on_frame per frame; -> first error text or ""."""
-    errors: list[str] = []
-    for frame in _decoded(container, streams, errors):
-        on_frame(frame)
-    return errors[0] if errors else ""
 
 
 def _decoded(

@@ -12,7 +12,7 @@ import av
 import numpy as np
 
 from pipeline.data.media.audio import _check_channels, _Crop, _read_av_window
-from pipeline.data.media.av_io import _AV_VIDEO_DEMUXERS, _decode_packets, _decoded, _open_av
+from pipeline.data.media.av_io import _AV_VIDEO_DEMUXERS, _decoded, _open_av
 from pipeline.data.media.errors import (
     REASON_CORRUPT,
     REASON_NO_FRAMES,
@@ -62,7 +62,9 @@ def decode_video(
         tracks = container.streams.audio
         if with_audio and tracks:
             _check_channels(tracks[0].codec_context.channels, max_channels)
-        seekable = any(name in container.format.name for name in _SEEKABLE)
+        # seeking decodes >= 1 frame per chosen frame: it cannot halve fewer than 2F frames
+        seekable = (any(name in container.format.name for name in _SEEKABLE)
+                    and not 0 < video.frames < 2 * num_frames)
         strict = not video.frames
         index = _index(data, video.index, strict=strict) if seekable or strict else None
         total = video.frames or len(index)
@@ -133,9 +135,13 @@ def _stream_frames(
     # Ray runs one task per CPU; FFmpeg's default of a thread per core would oversubscribe.
     video.codec_context.thread_count = 1
     sampler = _FrameSampler(wanted, size=size, max_pixels=max_pixels)
-    error = _decode_packets(container, [video], sampler.add)
+    errors: list[str] = []
+    for frame in _decoded(container, [video], errors):
+        sampler.add(frame)
+        if sampler.count > wanted[-1]:
+            break  # the rest of the file (a long audio track, say) is not even demuxed
     if sampler.count == 0:
-        raise MediaError(REASON_NO_FRAMES, error or "no decodable frames")
+        raise MediaError(REASON_NO_FRAMES, errors[0] if errors else "no decodable frames")
     return sampler.finish()
 
 
