@@ -4,10 +4,15 @@ Everything goes through an explicit `MlflowClient(tracking_uri)` and a run id, n
 fluent API's process-global active run: Ray workers, Tune trials and the driver each talk to
 the same run without sharing state. Any tracking URI works (sqlite:////abs/path.db or an
 `mlflow server` URL); credentials come from MLflow's own environment variables only.
+
+These functions use MLflow's own HTTP retries (7 over ~4 minutes, 120 s per request): the
+driver waits out a short outage of a tracking server. World rank 0 logs during training
+through pipeline/run_logger.py instead, which never stops training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -98,11 +103,16 @@ def start_run(uri: str, experiment: str, *, run_name: str, params: Mapping[str, 
     run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)
     from mlflow.entities import Param
 
-    flat = [Param(k, v) for k, v in flatten(params).items()]
-    for i in range(0, len(flat), 100):  # log_batch takes at most 100 params per call
-        c.log_batch(run.info.run_id, params=flat[i:i + 100])
-    for name, content in (artifacts or {}).items():
-        log_bytes(uri, run.info.run_id, name, content)
+    try:
+        flat = [Param(k, v) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):  # log_batch takes at most 100 params per call
+            c.log_batch(run.info.run_id, params=flat[i:i + 100])
+        for name, content in (artifacts or {}).items():
+            log_bytes(uri, run.info.run_id, name, content)
+    except BaseException:  # never leave a half-made run RUNNING
+        with contextlib.suppress(Exception):  # the error being raised says more
+            c.set_terminated(run.info.run_id, status="FAILED")
+        raise
     return run.info.run_id
 
 
