@@ -120,12 +120,12 @@ class RunLogger:
         down = self._down_since is not None
         if down and not force and time.monotonic() < self._next_try:
             return False  # buffered; the next attempt is due later
-        before = self.pending
+        before, started = self.pending, time.monotonic()
         budget = RETRY_BUDGET_S if budget is None else budget
         error = _retrying(self._drain, 0.0 if down and not force else budget)
         if error is not None:
             if not down:
-                self._down_since = time.monotonic()
+                self._down_since = started
                 self._warn(f"[hip] warning: MLflow at {self.uri} unreachable "
                            f"({_one_line(error)}); training goes on, and what it logs is "
                            "buffered and sent when MLflow answers (next try in "
@@ -242,6 +242,13 @@ def _describe(counts: Mapping[str, int]) -> str:
 
 
 def _one_line(error: BaseException) -> str:
+    """The innermost cause names the problem (ConnectionRefusedError, a timeout) better than
+    MLflow's wrapper around requests' wrapper around urllib3's."""
+    for _ in range(10):
+        cause = error.__cause__ or error.__context__
+        if cause is None:
+            break
+        error = cause
     return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
 
 

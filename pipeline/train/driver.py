@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from pipeline import storage, tracking
+from pipeline import run_logger, storage, tracking
 from pipeline.config import config_to_dict
 from pipeline.data import layout, reader
 from pipeline.runtime import init_ray
@@ -173,7 +177,10 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
 
     A run name that already holds checkpoints resumes them only if they are the same job
     (pipeline/train/resume.py, else JobError); restart=True removes them first. A run that
-    already reached trainer.steps returns its last result without training."""
+    already reached trainer.steps returns its last result without training.
+
+    Once its MLflow run is open, the run is always ended: FINISHED; FAILED if anything
+    raises; KILLED on Ctrl-C or SIGTERM (in the main thread: see _sigterm_raises)."""
     cfg, manifest = preflight(cfg)
     run_name = _run_name(cfg)
     done = _resume_or_restart(cfg, manifest, run_name, restart, log)
@@ -199,11 +206,21 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
         tags=tags, parent_run_id=parent_run_id,
         artifacts={"config/resolved.yaml": tracking.config_yaml(resolved),
                    "data/manifest.json": _json(manifest)})
-    try:
-        tracking.log_dataset(cfg.tracking.uri, run_id, manifest, cfg.data.path)
-    except BaseException:
-        tracking.end_run(cfg.tracking.uri, run_id, "FAILED")
+    try:  # from here on the run is ended whatever happens
+        with _sigterm_raises():
+            return _train_in_run(cfg, manifest, run_name, run_id, init_ref, callbacks, reaper,
+                                 log)
+    except BaseException as e:  # Ctrl-C and SIGTERM: KILLED; anything else: FAILED
+        stopped = isinstance(e, KeyboardInterrupt | SystemExit)
+        run_logger.end_run(cfg.tracking.uri, run_id, "KILLED" if stopped else "FAILED")
         raise
+
+
+def _train_in_run(cfg: TrainConfig, manifest: dict[str, Any], run_name: str, run_id: str,
+                  init_ref, callbacks: list | None, reaper: list, log) -> TrainResult:
+    """run_training once its MLflow run is open: record the dataset, fit, log the final
+    checkpoint and end the run FINISHED (run_training ends it if this raises)."""
+    tracking.log_dataset(cfg.tracking.uri, run_id, manifest, cfg.data.path)
     log(f"[hip] MLflow run {run_id} ({run_name}) in experiment {cfg.tracking.experiment!r} "
         f"at {cfg.tracking.uri}")
     log(f"[hip] checkpoints under {storage.join(cfg.storage.path, run_name)}")
@@ -230,11 +247,7 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep)),
         datasets=datasets, dataset_config=_data_config(cfg))
     start = time.time()
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.end_run(cfg.tracking.uri, run_id, "FAILED")
-        raise
+    result = trainer.fit()
     elapsed = time.time() - start
     ckpt_uri = _checkpoint_uri(cfg, result.checkpoint)
     if result.checkpoint is not None:
@@ -247,6 +260,31 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     metrics = dict(result.metrics or {})
     return TrainResult(run_id=run_id, run_name=run_name, checkpoint=ckpt_uri, metrics=metrics,
                        elapsed_s=elapsed)
+
+
+class Terminated(SystemExit):
+    """SIGTERM during a run (what a cluster scheduler sends before it kills a job), raised
+    in the driver's main thread like Ctrl-C's KeyboardInterrupt; exit code 128 + 15."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises Terminated, so `finally` blocks and run_training's
+    handler close the run as KILLED; the previous handler (Ray's: sys.exit) is restored
+    after. Only in the main thread: Tune runs trials' training in other threads, where
+    Python cannot set signal handlers (Tune stops those trials itself)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _resume_or_restart(cfg: TrainConfig, manifest: dict[str, Any], run_name: str,

@@ -29,7 +29,7 @@ import ray.train.torch
 import torch
 
 from models import load_mae_weights
-from pipeline import storage, tracking
+from pipeline import run_logger, storage, tracking
 from pipeline.config import config_to_dict
 from pipeline.train import checkpoints
 from pipeline.train.batches import input_spec, to_model_input, to_pixels
@@ -67,6 +67,7 @@ class _Ctx:
     device: torch.device
     local_dir: str | None = None  # set in local mode (trainer.num_workers=0): see report
     run_dir: str | None = None  # where every checkpoint of this run lives (fallbacks)
+    mlflow: run_logger.RunLogger | None = None  # world rank 0's logger (survives outages)
 
     @property
     def logs(self) -> bool:
@@ -158,6 +159,7 @@ def setup(args: WorkerArgs) -> Run:
     ctx = _Ctx(cfg, args.manifest, args.run_id, tctx.get_world_rank(), tctx.get_world_size(),
                ray.train.torch.get_device(), local_dir=args.local_dir,
                run_dir=args.run_dir or args.local_dir)
+    ctx.mlflow = run_logger.RunLogger(cfg.tracking.uri, args.run_id) if ctx.logs else None
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -185,8 +187,7 @@ def _init_weights(model: torch.nn.Module, args: WorkerArgs, ctx: _Ctx) -> None:
               f"new: {', '.join(sorted({k.split('.')[0] for k in report.missing}))}",
               flush=True)
     if ctx.logs:
-        tracking.set_tags(ctx.cfg.tracking.uri, ctx.run_id,
-                          {INIT_TENSORS_TAG: str(len(report.loaded))})
+        ctx.mlflow.set_tags({INIT_TENSORS_TAG: str(len(report.loaded))})
 
 
 def _resume(run: Run) -> None:
@@ -208,7 +209,7 @@ def _resume(run: Run) -> None:
     if ctx.rank == 0:
         print(f"[hip] resumed from step {run.step}", flush=True)
     if ctx.logs:
-        tracking.set_tags(ctx.cfg.tracking.uri, ctx.run_id, {RESUMED_TAG: str(run.step)})
+        ctx.mlflow.set_tags({RESUMED_TAG: str(run.step)})
 
 
 def _newest_state(ctx: _Ctx, ckpt) -> dict[str, Any] | None:
@@ -246,25 +247,30 @@ def _autocast(ctx: _Ctx):
 
 def train(run: Run) -> None:
     """Optimizer steps until trainer.steps: log every log_every, evaluate every eval_every,
-    report (and checkpoint) every checkpoint_every and at the end."""
+    report (and checkpoint) every checkpoint_every and at the end. Rank 0 logs through
+    ctx.mlflow (pipeline/run_logger.py), and finally sends what an MLflow outage held back."""
     cfg, ctx = run.ctx.cfg, run.ctx
     t = cfg.trainer
     run.model.train()
-    while run.step < t.steps:
-        metrics = train_step(run)
-        _maybe_fault(ctx.rank, run.step)
-        if ctx.logs and (run.step % t.log_every == 0 or run.step == t.steps):
-            tracking.log_metrics(cfg.tracking.uri, ctx.run_id, metrics, run.step)
-        last = run.step == t.steps
-        evaluated = run.step % t.eval_every == 0 or last
-        if evaluated:
-            val = evaluate(run)
-            metrics.update(val)
-            if ctx.logs and val:
-                tracking.log_metrics(cfg.tracking.uri, ctx.run_id, val, run.step)
-        save = run.step % t.checkpoint_every == 0 or last
-        if evaluated or save:  # every worker reaches this at the same steps (a barrier)
-            report(run, metrics, save=save)
+    try:
+        while run.step < t.steps:
+            metrics = train_step(run)
+            _maybe_fault(ctx.rank, run.step)
+            if ctx.logs and (run.step % t.log_every == 0 or run.step == t.steps):
+                ctx.mlflow.log_metrics(metrics, run.step)
+            last = run.step == t.steps
+            evaluated = run.step % t.eval_every == 0 or last
+            if evaluated:
+                val = evaluate(run)
+                metrics.update(val)
+                if ctx.logs and val:
+                    ctx.mlflow.log_metrics(val, run.step)
+            save = run.step % t.checkpoint_every == 0 or last
+            if evaluated or save:  # every worker reaches this at the same steps (a barrier)
+                report(run, metrics, save=save)
+    finally:
+        if ctx.logs:
+            ctx.mlflow.flush()
 
 
 def train_step(run: Run) -> dict[str, float]:
@@ -347,8 +353,7 @@ def _log_sample(run: Run, x, out) -> None:
         to_pixels(x["image"], shape).cpu().numpy(),
         mask["image"].reshape(-1, *shape).cpu().numpy(),
         to_pixels(pred["image"], shape).cpu().numpy())
-    tracking.log_bytes(ctx.cfg.tracking.uri, ctx.run_id,
-                       f"reconstructions/step_{run.step:06d}.png", png)
+    ctx.mlflow.log_bytes(f"reconstructions/step_{run.step:06d}.png", png)
 
 
 # ----------------------------------------------------------------------------- reporting
