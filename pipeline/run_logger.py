@@ -183,13 +183,14 @@ def end_run(uri: str, run_id: str, status: str, budget: float | None = None) -> 
 
 
 def _retrying(call, budget: float) -> Exception | None:
-    """call() until it returns, for up to `budget` s (0: one attempt): back-off 1, 2, 4, 8 s,
-    each attempt one HTTP request. Returns None, or the last error."""
+    """call() until it returns, retrying for up to `budget` s (0: one attempt) with back-off
+    1, 2, 4, 8 s, each attempt one HTTP request of at most REQUEST_TIMEOUT_S (a hung server
+    costs at most about budget + REQUEST_TIMEOUT_S). Returns None, or the last error."""
     deadline = time.monotonic() + budget
     delay = 1.0
     while True:
         try:
-            with _bounded_http(min(REQUEST_TIMEOUT_S, max(1.0, deadline - time.monotonic()))):
+            with _bounded_http(REQUEST_TIMEOUT_S):
                 call()
             return None
         except Exception as e:  # noqa: BLE001 - MLflow, requests, sqlite: all mean "not now"

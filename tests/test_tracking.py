@@ -169,3 +169,20 @@ def test_run_logger_bounds_the_time_an_unreachable_server_costs(monkeypatch, cap
     assert not run_logger.end_run(log.uri, log.run_id, "KILLED", budget=0)
     assert time.monotonic() - t2 < 5
     assert "could not mark MLflow run" in capsys.readouterr().err
+
+
+def test_run_logger_gives_up_on_a_server_that_never_answers(monkeypatch):
+    """A server that accepts connections and never replies (a hung process, a black hole):
+    each attempt ends after REQUEST_TIMEOUT_S, not MLflow's 120 s per request."""
+    import socket
+
+    monkeypatch.setattr(run_logger, "RETRY_BUDGET_S", 0.0)
+    monkeypatch.setattr(run_logger, "REQUEST_TIMEOUT_S", 0.5)
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # the kernel completes the handshakes; nobody reads or answers
+        log = run_logger.RunLogger(f"http://127.0.0.1:{hung.getsockname()[1]}", "0" * 32,
+                                   warn=lambda message: None)
+        t0 = time.monotonic()
+        assert not log.log_metrics({"loss": 1.0}, 1)
+        assert time.monotonic() - t0 < 5
