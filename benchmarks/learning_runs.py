@@ -128,7 +128,7 @@ class RunResult:
 
 
 def global_batch(cfg) -> int:
-    return cfg.optim.batch_size * max(1, cfg.trainer.num_workers) * cfg.optim.grad_accum
+    return cfg.optim.batch_size * max(1, cfg.trainer.max_workers) * cfg.optim.grad_accum
 
 
 def evaluate(model, cfg, spec, val: Split, batch_size: int = 128) -> tuple[float, float]:

@@ -62,7 +62,7 @@ def _trial_need(plan: SweepPlan) -> tuple[float, float]:
     # Stages run one after the other: the larger one counts.
     for cfg in (plan.stage_config(s) for s in plan.sweep.stages):
         t = cfg.trainer
-        workers = max(1, t.num_workers)  # 0 workers: the loop runs in the trial, one CPU
+        workers = max(1, t.max_workers)  # 0 workers: the loop runs in the trial, one CPU
         cpu = t.resources_per_worker.get("CPU", 1.0)
         gpu = t.resources_per_worker.get("GPU", 1.0 if t.use_gpu else 0.0)
         need_cpu = max(need_cpu, plan.sweep.resources.driver_cpu + workers * cpu)

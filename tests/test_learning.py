@@ -210,7 +210,7 @@ def test_a_resumed_run_equals_the_uninterrupted_run(image_shards, tmp_path, monk
     assert b["data"] == a["data"]
     assert a["data"]["epoch"] * per_epoch + a["data"]["batch"] == 8
     assert checkpoints.load_state(tmp_path / "ck" / "resumed" / "checkpoint_000004" /
-                                  "state.pt")["data"] == {"epoch": 0, "batch": 4}
+                                  "state.pt")["data"] == {"epoch": 0, "batch": 4, "world": 1}
 
 
 def test_the_train_stream_resumes_across_epochs():

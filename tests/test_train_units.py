@@ -180,3 +180,24 @@ def test_tasks_own_columns_loss_and_eval_metrics():
     assert set(ClassifyTask.sum_keys) == set(clf.eval_sums(logits, batch))
     with pytest.raises(ValueError, match="unknown task"):
         make_task("segment")
+
+
+@pytest.mark.parametrize(("grad_accum", "workers", "world", "expected"), [
+    (1, 4, 4, 1), (1, 4, 2, 2), (1, 4, 1, 4), (2, 4, 3, 3), (3, 1, 1, 3)])
+def test_elastic_runs_keep_the_global_batch_of_max_workers(grad_accum, workers, world,
+                                                           expected):
+    from pipeline.train.loop import accum_steps
+
+    cfg = TrainConfig.model_validate({"optim": {"grad_accum": grad_accum}, "trainer": {
+        "num_workers": [1, workers] if workers > 1 else 1, "max_failures": -1}})
+    assert accum_steps(cfg, world) == expected
+    assert accum_steps(cfg, world) * world >= grad_accum * workers  # never a smaller batch
+
+
+def test_elastic_worker_ranges_are_validated():
+    with pytest.raises(ConfigError, match=r"trainer.num_workers: .*1 <= min <= max"):
+        load_config(TrainConfig, None, ["trainer.num_workers=[3, 2]", "trainer.max_failures=-1"])
+    with pytest.raises(ConfigError, match="needs trainer.max_failures > 0 or -1"):
+        load_config(TrainConfig, None, ["trainer.num_workers=[1, 2]"])
+    cfg = load_config(TrainConfig, None, ["trainer.num_workers=[2, 8]", "trainer.max_failures=3"])
+    assert (cfg.trainer.min_workers, cfg.trainer.max_workers, cfg.trainer.elastic) == (2, 8, True)

@@ -144,6 +144,33 @@ def load_newest(folders: list[str], warn=print) -> tuple[dict[str, Any], str] | 
     return None
 
 
+def newest_state(ckpt, *, local_dir: str | None, run_dir: str | None, warn=print
+                 ) -> dict[str, Any] | None:
+    """The state a run resumes from: in local mode the newest readable folder of our own;
+    with Ray Train, Ray's latest registered checkpoint `ckpt`, then the older folders of the
+    run (RuntimeError when there are checkpoints and none loads)."""
+    if local_dir:  # local mode: our own checkpoint folders (Ray's local mode has none)
+        folders = step_folders(local_dir)
+    elif ckpt is not None:
+        folders = step_folders(run_dir) if run_dir else []
+        names = [f.rsplit("/", 1)[-1] for f in folders]
+        name = ckpt.path.rstrip("/").rsplit("/", 1)[-1]
+        if name not in names:  # not where we expected it: Ray's own copy, no fallback
+            with ckpt.as_directory() as d:
+                return load_state(Path(d) / STATE_FILE)
+        folders = folders[names.index(name):]  # newer folders are not registered: skipped
+    else:
+        return None
+    if not folders:
+        return None
+    found = load_newest(folders, warn=warn)
+    if found is None:
+        raise RuntimeError(f"no readable checkpoint in {run_dir or local_dir} "
+                           f"({len(folders)} tried); pass --restart to train this run from "
+                           "step 0")
+    return found[0]
+
+
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a state file (local path or fsspec URI) with weights_only=True."""
     fs, p = storage.resolve(str(path))

@@ -65,7 +65,11 @@ class OptimSection(StrictModel):
 
 
 class TrainerSection(StrictModel):
-    num_workers: int = Field(1, ge=0, description="Ray Train workers; 0 runs in the driver")
+    num_workers: int | tuple[int, int] = Field(1, description=(
+        "Ray Train workers; 0 runs the loop in the driver (local mode); [min, max] is elastic "
+        "training: the run goes on with as few as min workers when nodes are lost and grows "
+        "back to max when they return, keeping the global batch of max workers "
+        "(docs/elastic.md); needs trainer.max_failures != 0"))
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     steps: int = Field(100, ge=1, description="optimizer steps in total")
@@ -73,9 +77,37 @@ class TrainerSection(StrictModel):
     eval_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts (-1 = forever)")
+    elastic_check_s: float = Field(60.0, gt=0, description=(
+        "elastic runs: how often a healthy group checks whether more workers fit (growing "
+        "restarts the group from its last checkpoint)"))
     seed: int = 0
     bf16: bool = Field(True, description="bf16 autocast (+TF32) when on GPU; CPU stays fp32")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept in storage")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError("must be >= 0 (0: local mode)")
+            return v
+        low, high = v
+        if not 1 <= low <= high:
+            raise ValueError(f"elastic [min, max] needs 1 <= min <= max, got [{low}, {high}]")
+        return v
+
+    @property
+    def max_workers(self) -> int:
+        """The largest world size (the one the global batch is defined for); 0: local mode."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -129,6 +161,9 @@ class TrainConfig(StrictModel):
             raise ValueError(f"model.preset {self.model.preset!r} is not one of {PRESETS}")
         if self.trainer.use_gpu and self.trainer.num_workers == 0:
             raise ValueError("trainer.use_gpu needs trainer.num_workers >= 1")
+        if self.trainer.elastic and self.trainer.max_failures == 0:
+            raise ValueError("elastic trainer.num_workers needs trainer.max_failures > 0 or -1: "
+                             "a lost node restarts the worker group, which counts as a failure")
         if self.finetune.init_from and self.task != "classify":
             raise ValueError("finetune.init_from is only used by task 'classify'")
         return self

@@ -35,7 +35,7 @@ from pipeline.train import checkpoints, resume
 from pipeline.train.batches import TENSOR_COLUMNS, dataset_modality
 from pipeline.train.build import build_model
 from pipeline.train.config import TrainConfig, resolve_paths
-from pipeline.train.loop import FAULT_ENV, WorkerArgs, train_fn_per_worker
+from pipeline.train.loop import TEST_ENVS, WorkerArgs, train_fn_per_worker
 from pipeline.train.pg_reaper import PlacementGroupReaper, install_reaper
 
 
@@ -70,9 +70,9 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     if not manifest.get("splits", {}).get(cfg.data.train_split):
         raise JobError(f"{cfg.data.path} has no {cfg.data.train_split!r} rows")
     rows = manifest["splits"][cfg.data.train_split]
-    per_worker = rows // max(1, cfg.trainer.num_workers)
+    per_worker = rows // max(1, cfg.trainer.max_workers)
     if per_worker < cfg.optim.batch_size:
-        raise JobError(f"{rows} train rows over {cfg.trainer.num_workers} workers give "
+        raise JobError(f"{rows} train rows over {cfg.trainer.max_workers} workers give "
                        f"{per_worker} per worker, fewer than optim.batch_size="
                        f"{cfg.optim.batch_size}")
     if cfg.task == "classify" and len(manifest.get("classes") or []) < 2:
@@ -120,7 +120,7 @@ STEPS_PER_EXECUTION = 200
 def train_passes(rows: int, cfg: TrainConfig) -> int:
     """How many passes over the train split one Ray Data execution chains (>= 1)."""
     # Local mode (num_workers=0) runs one loop in the driver: one worker's batches.
-    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * max(1, cfg.trainer.num_workers)
+    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * max(1, cfg.trainer.max_workers)
     needed = -(-cfg.trainer.steps * per_step // max(rows, 1))  # passes the whole run needs
     wanted = -(-STEPS_PER_EXECUTION * per_step // max(rows, 1))
     return max(1, min(needed, wanted))
@@ -161,7 +161,7 @@ def _data_config(cfg: TrainConfig):
     warnings.filterwarnings("ignore", message=".*exclude_resources` is deprecated")
     opts = ray.train.DataConfig.default_ingest_options()
     opts.preserve_order = cfg.data.deterministic
-    split = "all" if cfg.trainer.num_workers > 1 else []
+    split = "all" if cfg.trainer.max_workers > 1 else []
     return ray.train.DataConfig(datasets_to_split=split, execution_options=opts)
 
 
@@ -237,7 +237,9 @@ def _train_in_run(cfg: TrainConfig, manifest: dict[str, Any], run_name: str, run
             init_from=cfg.finetune.init_from, local_dir=local_dir,
             run_dir=storage.join(cfg.storage.path, run_name))},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
+            num_workers=cfg.trainer.num_workers,  # (min, max): Train V2's elastic policy
+            elastic_resize_monitor_interval_s=cfg.trainer.elastic_check_s,
+            use_gpu=cfg.trainer.use_gpu,
             resources_per_worker=cfg.trainer.resources_per_worker or None),
         run_config=ray.train.RunConfig(
             name=run_name, **storage.storage_kwargs(cfg.storage.path),
@@ -310,10 +312,9 @@ def _resume_or_restart(cfg: TrainConfig, manifest: dict[str, Any], run_name: str
 
 
 def _worker_env() -> dict[str, Any] | None:
-    # The test-only fault hook must reach workers of an already running cluster.
-    if os.environ.get(FAULT_ENV):
-        return {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
-    return None
+    # The test-only hooks must reach workers of an already running cluster.
+    env = {k: os.environ[k] for k in TEST_ENVS if os.environ.get(k)}
+    return {"env_vars": env} if env else None
 
 
 def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str | None:

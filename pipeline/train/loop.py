@@ -38,6 +38,8 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.tasks import Task, make_task
 
 FAULT_ENV = "HIP_TEST_FAULT"  # test-only: "rank:step:marker_path" exits that rank once
+DELAY_ENV = "HIP_TEST_STEP_DELAY_S"  # test-only: sleep this long after every step
+TEST_ENVS = (FAULT_ENV, DELAY_ENV)  # forwarded to the workers of a running cluster
 INIT_TENSORS_TAG = "hip.initialised_tensors"  # how many tensors finetune.init_from supplied
 RESUMED_TAG = "hip.resumed_from_step"
 SHUFFLE_BUFFER_ROWS = 256
@@ -88,9 +90,12 @@ class Run:
     val_ds: Any  # this worker's val shard, or None
     step: int = 0
     position: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "batch": 0})
+    accum: int = 1  # micro-batches per optimizer step on each worker (accum_steps)
 
 
 def _maybe_fault(rank: int, step: int) -> None:
+    if delay := os.environ.get(DELAY_ENV):  # tests: a run long enough to lose a node in
+        time.sleep(float(delay))
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -138,6 +143,14 @@ def _batches(ds, ctx: _Ctx, columns: list[str], *, train: bool,
         pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
 
 
+def accum_steps(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per optimizer step on each of `world` workers: the global batch stays
+    batch_size x grad_accum x max_workers when an elastic run has fewer workers (rounded up
+    when max_workers x grad_accum is not a multiple of the world size)."""
+    target = cfg.optim.grad_accum * max(1, cfg.trainer.max_workers)
+    return max(1, -(-target // max(1, world)))
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The torch seed of one optimizer step on one rank. Reseeding every step makes MAE
     masks, dropout and latent subsampling a function of (trainer.seed, rank, step), so a
@@ -171,7 +184,9 @@ def setup(args: WorkerArgs) -> Run:
         _init_weights(model, args, ctx)
     model = ray.train.torch.prepare_model(model)
     opt = make_optimizer(model, cfg)
-    run = Run(ctx, task, spec, model, opt, make_scheduler(opt, cfg), None, None)
+    run = Run(ctx, task, spec, model, opt, make_scheduler(opt, cfg), None, None,
+              accum=accum_steps(cfg, ctx.world))
+    run.position["world"] = ctx.world
     _resume(run)
     val_ds = ray.train.get_dataset_shard("val") if "val" in args.splits else None
     run.train_data = _batches(ray.train.get_dataset_shard("train"), ctx,
@@ -196,7 +211,9 @@ def _resume(run: Run) -> None:
     schedule, step and data position. An unreadable checkpoint (a truncated write) is
     skipped with a warning for the one before it."""
     ctx = run.ctx
-    state = _newest_state(ctx, ray.train.get_checkpoint())
+    say = (lambda m: print(m, flush=True)) if ctx.rank == 0 else (lambda m: None)
+    state = checkpoints.newest_state(ray.train.get_checkpoint(), local_dir=ctx.local_dir,
+                                     run_dir=ctx.run_dir, warn=say)
     if state is None:
         return
     checkpoints.unwrap(run.model).load_state_dict(state["model"])
@@ -205,36 +222,19 @@ def _resume(run: Run) -> None:
     run.step = int(state["step"])
     # Every rank has consumed as many batches as rank 0 (equal splits, same steps).
     # Checkpoints from before the data position was saved restart the stream.
-    run.position.update(state.get("data") or {})
+    saved = dict(state.get("data") or {})
+    if saved.get("world", ctx.world) != ctx.world:  # elastic: the split changed size
+        # The same number of rows consumed this epoch, in batches of the new per-rank split.
+        saved["batch"] = saved.get("batch", 0) * saved["world"] // ctx.world
+        if ctx.rank == 0:
+            print(f"[hip] world size {saved['world']} -> {ctx.world}: {run.accum} micro-batches "
+                  "per step keep the global batch", flush=True)
+    saved["world"] = ctx.world
+    run.position.update(saved)
     if ctx.rank == 0:
         print(f"[hip] resumed from step {run.step}", flush=True)
     if ctx.logs:
         ctx.mlflow.set_tags({RESUMED_TAG: str(run.step)})
-
-
-def _newest_state(ctx: _Ctx, ckpt) -> dict[str, Any] | None:
-    """The newest readable checkpoint state: in local mode among our own folders; with Ray
-    Train, Ray's latest registered checkpoint, then the older folders of the run."""
-    if ctx.local_dir:  # local mode: our own checkpoint folders (Ray's local mode has none)
-        folders = checkpoints.step_folders(ctx.local_dir)
-    elif ckpt is not None:
-        folders = checkpoints.step_folders(ctx.run_dir) if ctx.run_dir else []
-        names = [f.rsplit("/", 1)[-1] for f in folders]
-        name = ckpt.path.rstrip("/").rsplit("/", 1)[-1]
-        if name not in names:  # not where we expected it: Ray's own copy, no fallback
-            with ckpt.as_directory() as d:
-                return checkpoints.load_state(Path(d) / checkpoints.STATE_FILE)
-        folders = folders[names.index(name):]  # newer folders are not registered: skipped
-    else:
-        return None
-    if not folders:
-        return None
-    found = checkpoints.load_newest(
-        folders, warn=(lambda m: print(m, flush=True)) if ctx.rank == 0 else (lambda m: None))
-    if found is None:
-        raise RuntimeError(f"no readable checkpoint in {ctx.run_dir} ({len(folders)} tried); "
-                           "pass --restart to train this run from step 0")
-    return found[0]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -274,19 +274,19 @@ def train(run: Run) -> None:
 
 
 def train_step(run: Run) -> dict[str, float]:
-    """One optimizer step (grad_accum micro-batches); returns its metrics."""
+    """One optimizer step (run.accum micro-batches per worker); returns its metrics."""
     cfg, ctx = run.ctx.cfg, run.ctx
     t0 = time.perf_counter()
     wait = loss_value = 0.0
     run.opt.zero_grad(set_to_none=True)
     torch.manual_seed(step_seed(cfg.trainer.seed, ctx.rank, run.step))
-    for _ in range(cfg.optim.grad_accum):
+    for _ in range(run.accum):
         tw = time.perf_counter()
         batch = next(run.train_data)
         wait += time.perf_counter() - tw
         with _autocast(ctx):
             out = run.task.forward(run.model, to_model_input(batch, run.spec))
-        loss = run.task.loss(out, batch) / cfg.optim.grad_accum
+        loss = run.task.loss(out, batch) / run.accum
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {run.step} on "
                                      f"rank {ctx.rank}; lower optim.lr or enable clipping")
@@ -298,9 +298,10 @@ def train_step(run: Run) -> dict[str, float]:
     run.sched.step()
     run.step += 1
     dt = time.perf_counter() - t0
-    samples = cfg.optim.batch_size * cfg.optim.grad_accum * ctx.world
+    samples = cfg.optim.batch_size * run.accum * ctx.world
     return {"loss": loss_value, "lr": run.sched.get_last_lr()[0],
-            "samples_per_s": samples / dt, "data_wait_frac": wait / dt}
+            "samples_per_s": samples / dt, "data_wait_frac": wait / dt,
+            "world_size": ctx.world}
 
 
 # ----------------------------------------------------------------------------- evaluation
