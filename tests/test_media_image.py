@@ -149,7 +149,7 @@ def test_media_error_pickles_and_rejects_unknown_reasons():
         "cut at byte 10",
         "corrupt: cut at byte 10",
     )
-    assert media.REASON_EMPTY == "empty_file" and len(media.REASONS) == 8
+    assert media.REASON_EMPTY == "empty_file" and len(media.REASONS) == 11
     with pytest.raises(ValueError, match="unknown"):
         MediaError("bogus")
 
