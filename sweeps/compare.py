@@ -36,6 +36,8 @@ class TrialRow:
     steps: int | None
     wall_s: float | None
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    startup_s: float | None = None  # process start to first optimizer step
+    steps_per_s: float | None = None  # optimizer steps per second after the first
 
 
 @dataclass
@@ -119,7 +121,9 @@ def collect(uri: str, parent, metric: str) -> list[TrialRow]:
         rows[trial_id] = TrialRow(
             trial_id=trial_id, run_id=run.info.run_id,
             status=_status(run), metric=value, params=params, steps=steps,
-            wall_s=(end - run.info.start_time) / 1000.0, curves=curves)
+            wall_s=(end - run.info.start_time) / 1000.0, curves=curves,
+            startup_s=run.data.metrics.get("startup_s"),
+            steps_per_s=run.data.metrics.get("steps_per_s"))
     return list(rows.values())
 
 
@@ -132,14 +136,17 @@ def sort_rows(rows: list[TrialRow], mode: str) -> list[TrialRow]:
 
 
 def format_table(rows: list[TrialRow], keys: list[str], metric: str) -> str:
-    header = ["#", "trial", "status", metric, *keys, "steps", "wall s"]
+    header = ["#", "trial", "status", metric, *keys, "steps", "wall s", "startup s",
+              "steps/s"]
     body = []
     for i, r in enumerate(rows, 1):
         body.append([str(i), r.trial_id, r.status,
                      f"{r.metric:.4f}" if r.metric is not None else "-",
                      *(r.params.get(k, "-") for k in keys),
                      str(r.steps) if r.steps is not None else "-",
-                     f"{r.wall_s:.0f}" if r.wall_s is not None else "-"])
+                     f"{r.wall_s:.0f}" if r.wall_s is not None else "-",
+                     f"{r.startup_s:.1f}" if r.startup_s is not None else "-",
+                     f"{r.steps_per_s:.2f}" if r.steps_per_s is not None else "-"])
     widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])

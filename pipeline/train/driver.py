@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import run_logger, storage, tracking
 from pipeline.config import config_to_dict
 from pipeline.data import layout, reader
-from pipeline.runtime import init_ray
+from pipeline.runtime import init_ray, process_started_at
 from pipeline.train import checkpoints, resume
 from pipeline.train.batches import TENSOR_COLUMNS, dataset_modality
 from pipeline.train.build import build_model
@@ -235,7 +235,8 @@ def _train_in_run(cfg: TrainConfig, manifest: dict[str, Any], run_name: str, run
         train_loop_config={"args": WorkerArgs(
             cfg, manifest, run_id, splits=tuple(datasets), init_weights=init_ref,
             init_from=cfg.finetune.init_from, local_dir=local_dir,
-            run_dir=storage.join(cfg.storage.path, run_name))},
+            run_dir=storage.join(cfg.storage.path, run_name),
+            started_at=process_started_at())},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers,  # (min, max): Train V2's elastic policy
             elastic_resize_monitor_interval_s=cfg.trainer.elastic_check_s,

@@ -57,6 +57,7 @@ class WorkerArgs:
     init_from: str | None = None  # where init_weights came from, for the log line
     local_dir: str | None = None  # local mode (num_workers=0): where the loop checkpoints
     run_dir: str | None = None  # storage.path/<run name>: the run's checkpoint folders
+    started_at: float | None = None  # when the job's process started (startup_s), epoch s
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Run:
     train_data: Any  # endless iterator of batches (see _batches)
     val_ds: Any  # this worker's val shard, or None
     step: int = 0
+    started_at: float | None = None  # WorkerArgs.started_at (startup_s)
     position: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "batch": 0})
     accum: int = 1  # micro-batches per optimizer step on each worker (accum_steps)
 
@@ -185,7 +187,7 @@ def setup(args: WorkerArgs) -> Run:
     model = ray.train.torch.prepare_model(model)
     opt = make_optimizer(model, cfg)
     run = Run(ctx, task, spec, model, opt, make_scheduler(opt, cfg), None, None,
-              accum=accum_steps(cfg, ctx.world))
+              accum=accum_steps(cfg, ctx.world), started_at=args.started_at)
     run.position["world"] = ctx.world
     _resume(run)
     val_ds = ray.train.get_dataset_shard("val") if "val" in args.splits else None
@@ -252,10 +254,18 @@ def train(run: Run) -> None:
     cfg, ctx = run.ctx.cfg, run.ctx
     t = cfg.trainer
     run.model.train()
+    first_step_done, first_step = None, run.step
     try:
         while run.step < t.steps:
             metrics = train_step(run)
             _maybe_fault(ctx.rank, run.step)
+            now = time.time()
+            if first_step_done is None:  # what a job pays before it trains (issue 19)
+                first_step_done = now
+                if run.started_at is not None and ctx.logs:
+                    ctx.mlflow.log_metrics({"startup_s": now - run.started_at}, run.step)
+            elif run.step > first_step + 1:
+                metrics["steps_per_s"] = (run.step - first_step - 1) / (now - first_step_done)
             if ctx.logs and (run.step % t.log_every == 0 or run.step == t.steps):
                 ctx.mlflow.log_metrics(metrics, run.step)
             last = run.step == t.steps
