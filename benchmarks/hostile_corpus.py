@@ -14,8 +14,9 @@ Rows of the table (each a real `run_preprocess` on a local Ray, workers warm):
                            crashes and one that hangs (the test-only fault hook; timeout 5 s)
   long audio               --audio 3-s clips + one --long-minutes 8-channel 48 kHz FLAC:
                            the job keeps 2.56 s of each (issue 17: no worker > ~1 GB)
-Columns: inputs, accepted, rejects by reason, wall seconds, rows/s, and the largest RSS of
-any single process of the job (driver, Ray workers, decode children), sampled every 0.1 s.
+Columns: inputs, accepted, rejects by reason, wall seconds, rows/s (the image rows: the
+faster of two runs), and the largest RSS of any single process of the job (driver, Ray
+workers, decode children), sampled every 0.1 s.
 """
 
 from __future__ import annotations
@@ -135,20 +136,14 @@ def audio_corpus(root: Path, n: int, long_minutes: float) -> None:
             f.write(0.1 * rng.standard_normal((rate, channels)).astype(np.float32))
 
 
-def run(name: str, src: Path, out: Path, modality: str, overrides: list[str],
-        fault: str = "") -> list[str]:
+def run(name: str, src: Path, out: Path, modality: str, overrides: list[str]) -> list[str]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(PreprocessConfig, None, overrides,
                       {"modality": modality, "input": str(src), "output": str(out)})
-    if fault:
-        os.environ[DECODE_FAULT_ENV] = fault
-    try:
-        with MaxProcessRss() as rss:
-            start = time.perf_counter()
-            m = run_preprocess(cfg, echo=lambda *_: None)
-            wall = time.perf_counter() - start
-    finally:
-        os.environ.pop(DECODE_FAULT_ENV, None)
+    with MaxProcessRss() as rss:
+        start = time.perf_counter()
+        m = run_preprocess(cfg, echo=lambda *_: None)
+        wall = time.perf_counter() - start
     rejects = ", ".join(f"{k} {v}" for k, v in sorted(m["rejects_by_reason"].items())) or "-"
     return [name, "on" if cfg.read.isolate else "off", str(m["inputs"]), str(m["accepted"]),
             rejects, f"{wall:.1f}", f"{m['inputs'] / wall:.1f}",
@@ -172,17 +167,28 @@ def main() -> None:
     audio_corpus(work / "audio", args.audio, args.long_minutes)
     import ray
 
+    from pipeline.data import isolate
     from pipeline.runtime import init_ray
 
+    # The fault hook for every row, inherited by the workers of the cluster started here, not
+    # sent as a runtime_env: that gets workers of its own, started cold for every job, and
+    # the rows with crashes would pay start-ups the clean rows do not. Clean files have no
+    # crashme/hangme in their names, so the hook does nothing to them.
+    os.environ[DECODE_FAULT_ENV] = "crash:crashme;hang:hangme"
+    isolate.fault_remote_args = dict
     init_ray()
-    run("warm-up", work / "hostile", work / "out", "image", ["read.max_file_mb=1"])
+    for _ in range(2):  # warm: Ray workers, decode children and their spares
+        run("warm-up", work / "images", work / "out", "image", [])
+    def best(*a) -> list[str]:  # the faster of two runs: 2 shared cores are noisy
+        return min((run(*a) for _ in range(2)), key=lambda r: float(r[5]))
+
     rows = [
-        run("images", work / "images", work / "out", "image", ["read.isolate=false"]),
-        run("images", work / "images", work / "out", "image", []),
-        run(f"images + {n_bad} bad (1%)", work / "mixed", work / "out", "image",
-            ["read.max_file_mb=1"], "crash:crashme"),
+        best("images", work / "images", work / "out", "image", ["read.isolate=false"]),
+        best("images", work / "images", work / "out", "image", []),
+        best(f"images + {n_bad} bad (1%)", work / "mixed", work / "out", "image",
+             ["read.max_file_mb=1"]),
         run("hostile images", work / "hostile", work / "out", "image",
-            ["read.max_file_mb=1", "read.file_timeout_s=5"], "crash:crashme;hang:hangme"),
+            ["read.max_file_mb=1", "read.file_timeout_s=5"]),
         run("long audio", work / "audio", work / "out", "audio", ["audio.sample_rate=16000"]),
     ]
     head = ["corpus", "isolate", "inputs", "accepted", "rejects by reason", "wall s", "rows/s",

@@ -17,6 +17,7 @@ Test-only fault injection (like training's HIP_TEST_FAULT): DECODE_FAULT_ENV =
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -93,22 +94,30 @@ def _child_main(inbox: Connection, outbox: Connection) -> None:
 
 
 class _Child:
-    """One decode child process and the worker's ends of its two pipes."""
+    """One decode child process and the worker's ends of its two pipes. Started at once;
+    `ready()` waits for it (so a spare can warm up in the background)."""
 
-    def __init__(self) -> None:
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
         down_r, down_w = os.pipe()  # worker -> child
         up_r, up_w = os.pipe()  # child -> worker
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.data.isolate", str(down_r), str(up_w)],
+            [sys.executable, "-m", "pipeline.data.isolate", str(down_r), str(up_w), *preload],
             pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL, env=env)
         os.close(down_r)
         os.close(up_w)
         self.send = Connection(down_w, readable=False)
         self.conn = Connection(up_r, writable=False)
-        if not self.conn.poll(START_TIMEOUT_S) or self.conn.recv() != "ready":
-            self.kill()
-            raise RuntimeError(f"the decode child did not start within {START_TIMEOUT_S:g} s")
+        self._ready = False
+
+    def ready(self) -> _Child:
+        if not self._ready:
+            if not self.conn.poll(START_TIMEOUT_S) or self.conn.recv() != "ready":
+                self.kill()
+                raise RuntimeError(f"the decode child did not start within "
+                                   f"{START_TIMEOUT_S:g} s")
+            self._ready = True
+        return self
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -130,14 +139,23 @@ class _Child:
         return f"the decoder's process exited with code {code}"
 
 
-_CHILD: _Child | None = None  # one per Ray worker process, reused across tasks
+# One working child and one warm spare per Ray worker process, reused across tasks: after a
+# crash or a timeout the spare takes over at once (a fresh interpreter with the decoders
+# imported costs ~1.5 s on 2 cores) and a new spare starts in the background.
+_CHILD: _Child | None = None
+_SPARE: _Child | None = None
 
 
-def _child() -> _Child:
-    global _CHILD
+def _child(preload: tuple[str, ...]) -> _Child:
+    global _CHILD, _SPARE
     if _CHILD is None or not _CHILD.alive():
-        _CHILD = _Child()
-    return _CHILD
+        if _SPARE is not None and _SPARE.alive():
+            _CHILD, _SPARE = _SPARE, None
+        else:
+            _CHILD = _Child(preload)
+    if _SPARE is None or not _SPARE.alive():
+        _SPARE = _Child(preload)
+    return _CHILD.ready()
 
 
 def _discard(child: _Child) -> None:
@@ -151,9 +169,11 @@ def decode_isolated(items: list[Item], decode: Callable[[bytes], Any],
                     read: Callable[[str], bytes], timeout_s: float) -> Iterator[Result]:
     """One Result per item, in order, whatever the files do to the decoder."""
     fault = os.environ.get(DECODE_FAULT_ENV, "")
+    # What the child imports before it says ready: the modules of the callables it runs.
+    preload = tuple(sorted({_module_of(decode), _module_of(read)}))
     pending = list(items)
     while pending:
-        child = _child()
+        child = _child(preload)
         try:
             child.send.send((decode, read, pending, fault))
         except (BrokenPipeError, OSError):  # died between batches: a fresh one takes it
@@ -181,9 +201,16 @@ def decode_isolated(items: list[Item], decode: Callable[[bytes], Any],
         pending = pending[done + (1 if done < len(pending) else 0):]
 
 
+def _module_of(fn: Callable) -> str:
+    owner = getattr(fn, "__self__", None)
+    return type(owner).__module__ if owner is not None else fn.__module__
+
+
 __all__ = ["decode_isolated", "decode_one", "DECODE_FAULT_ENV"]
 
 
-if __name__ == "__main__":  # the child: python -m pipeline.data.isolate IN_FD OUT_FD
+if __name__ == "__main__":  # the child: python -m pipeline.data.isolate IN OUT [MODULE ...]
+    for module in sys.argv[3:]:  # warm: the decoders' imports before the first file
+        importlib.import_module(module)
     _child_main(Connection(int(sys.argv[1]), writable=False),
                 Connection(int(sys.argv[2]), readable=False))
