@@ -146,6 +146,12 @@ def _datasets(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     out = {"train": copies[0].union(*copies[1:]) if passes > 1 else copies[0]}
     if manifest.get("splits", {}).get(cfg.data.val_split):
         out["val"] = reader.open_shards(cfg.data.path, cfg.data.val_split).select_columns(columns)
+    if cfg.trainer.num_workers == 0:
+        # Ray Train's local mode hands the datasets over as they are: no DataConfig, so its
+        # preserve_order would never apply, and the chained passes' blocks would interleave
+        # by timing (the same config gave other batches from step 2 on, 1 run in 3).
+        for ds in out.values():
+            ds.context.execution_options.preserve_order = cfg.data.deterministic
     return out
 
 
