@@ -71,6 +71,7 @@ class _Ctx:
     local_dir: str | None = None  # set in local mode (trainer.num_workers=0): see report
     run_dir: str | None = None  # where every checkpoint of this run lives (fallbacks)
     mlflow: run_logger.RunLogger | None = None  # world rank 0's logger (survives outages)
+    manifest_hash: str = ""  # hashed once per run, not at every report (a long file list)
 
     @property
     def logs(self) -> bool:
@@ -173,7 +174,8 @@ def setup(args: WorkerArgs) -> Run:
     tctx = ray.train.get_context()
     ctx = _Ctx(cfg, args.manifest, args.run_id, tctx.get_world_rank(), tctx.get_world_size(),
                ray.train.torch.get_device(), local_dir=args.local_dir,
-               run_dir=args.run_dir or args.local_dir)
+               run_dir=args.run_dir or args.local_dir,
+               manifest_hash=tracking.manifest_hash(args.manifest))
     ctx.mlflow = run_logger.RunLogger(cfg.tracking.uri, args.run_id) if ctx.logs else None
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -381,7 +383,7 @@ def report(run: Run, metrics: dict[str, float], *, save: bool) -> None:
         if save and ctx.rank == 0:
             state = checkpoints.make_state(
                 run.model, run.opt, run.sched, step=run.step, config=config_to_dict(ctx.cfg),
-                manifest_hash=tracking.manifest_hash(ctx.manifest), data_position=run.position)
+                manifest_hash=ctx.manifest_hash, data_position=run.position)
             if ctx.local_dir:  # local mode: Ray Train would keep only a temp folder
                 where = storage.storage_kwargs(checkpoints.persist_state(
                     state, ctx.local_dir, run.step, ctx.cfg.trainer.num_to_keep, ctx.run_id,
