@@ -1,15 +1,17 @@
 """Per-file isolation: decode in a child process, so a file that crashes or hangs its decoder
 costs only that file, not the Ray task, the retries and then the job.
 
-Each Ray decode worker process keeps one child (`python -m pipeline.data.isolate`, talking
-over two pipes: a fresh interpreter, not a fork of the multi-threaded Ray worker, and not
-multiprocessing's spawn, which would re-import the Ray worker's __main__). The worker
-sends the child a batch of work items; the child reads (local paths) and decodes them one by
-one and sends one result per file. The worker waits at most `timeout_s` for each next
-result: on a timeout it kills the child (the file in progress becomes a reject with reason
-`timeout`), on the child's death (segfault, abort, the kernel's OOM killer) the file in
-progress becomes `crashed`; either way a new child takes the rest of the batch. The culprit
-is exactly the file the child was on: results come back in order, one per file.
+Each Ray decode worker process starts one fork server (pipeline/data/forkserver.py: `python
+-m pipeline.data.isolate`, a fresh single-threaded interpreter that imports the decoders
+once; not a fork of the multi-threaded Ray worker, and not multiprocessing's spawn, which
+would re-import the Ray worker's __main__) and has it fork one decode child, connected to
+the worker by a socket. The worker sends the child a batch of work items; the child reads
+(local paths) and decodes them one by one and sends one result per file. The worker waits
+at most `timeout_s` for each next result: on a timeout it has the child killed (the file in
+progress becomes a reject with reason `timeout`), on the child's death (segfault, abort, the
+kernel's OOM killer) the file in progress becomes `crashed`, with the signal the server
+reaped; either way the server forks a new child (milliseconds) for the rest of the batch.
+The culprit is exactly the file the child was on: results come back in order, one per file.
 
 Test-only fault injection (like training's HIP_TEST_FAULT): DECODE_FAULT_ENV =
 "crash:NAME;hang:NAME" makes the child abort / sleep on files whose name contains NAME.
@@ -17,20 +19,17 @@ Test-only fault injection (like training's HIP_TEST_FAULT): DECODE_FAULT_ENV =
 
 from __future__ import annotations
 
-import importlib
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+from pipeline.data.forkserver import Child, Server, serve
 from pipeline.data.media import errors as reasons
 
 DECODE_FAULT_ENV = "HIP_TEST_DECODE_FAULT"
-START_TIMEOUT_S = 120.0  # a new child must say "ready" within this (imports on a busy box)
 
 # One work item: (index in the batch, local path to read | the file's bytes).
 Item = tuple[int, str | bytes]
@@ -80,103 +79,77 @@ def _maybe_fault(spec: str, path: str) -> None:
                 time.sleep(3600)
 
 
-def _child_main(inbox: Connection, outbox: Connection) -> None:
-    """The child's loop: (decode, read, items, fault) in, one Result per item out."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the job, not here
-    outbox.send("ready")  # unpickling the first batch imports what decode needs
+def _child_main(conn: Connection) -> None:
+    """A forked child's loop: (decode, read, items, fault) in, one Result per item out."""
     while True:
         try:
-            decode, read, items, fault = inbox.recv()
-        except (EOFError, OSError):  # the worker is gone
+            decode, read, items, fault = conn.recv()
+        except (EOFError, OSError):  # the worker is gone, or let this child go
             return
         for index, source in items:
-            outbox.send((index, decode_one(decode, read, source, fault)))
+            conn.send((index, decode_one(decode, read, source, fault)))
 
 
-class _Child:
-    """One decode child process and the worker's ends of its two pipes. Started at once;
-    `ready()` waits for it (so a spare can warm up in the background)."""
-
-    def __init__(self, preload: tuple[str, ...] = ()) -> None:
-        down_r, down_w = os.pipe()  # worker -> child
-        up_r, up_w = os.pipe()  # child -> worker
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.data.isolate", str(down_r), str(up_w), *preload],
-            pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL, env=env)
-        os.close(down_r)
-        os.close(up_w)
-        self.send = Connection(down_w, readable=False)
-        self.conn = Connection(up_r, writable=False)
-        self._ready = False
-
-    def ready(self) -> _Child:
-        if not self._ready:
-            if not self.conn.poll(START_TIMEOUT_S) or self.conn.recv() != "ready":
-                self.kill()
-                raise RuntimeError(f"the decode child did not start within "
-                                   f"{START_TIMEOUT_S:g} s")
-            self._ready = True
-        return self
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.process.kill()
-        self.process.wait(5)
-        self.send.close()
-        self.conn.close()
-
-    def death(self) -> str:
-        """What ended the child, for the reject's detail."""
-        code = self.process.wait(5)
-        if code is not None and code < 0:
-            name = signal.Signals(-code).name
-            hint = " (out of memory?)" if -code == signal.SIGKILL else ""
-            return f"the decoder killed its process: {name}{hint}"
-        return f"the decoder's process exited with code {code}"
+# One fork server and one working child per Ray worker process, reused across batches and
+# tasks. After a crash or a timeout the server forks the replacement (milliseconds, decoders
+# already imported); if the server itself has died, a new one is started.
+_SERVER: Server | None = None
+_CHILD: Child | None = None
 
 
-# One working child and one warm spare per Ray worker process, reused across tasks: after a
-# crash or a timeout the spare takes over at once (a fresh interpreter with the decoders
-# imported costs ~1.5 s on 2 cores) and a new spare starts in the background.
-_CHILD: _Child | None = None
-_SPARE: _Child | None = None
+def _child(preload: tuple[str, ...]) -> Child:
+    global _SERVER, _CHILD
+    if _SERVER is not None and not _SERVER.alive():  # replace it, and its child with it (a
+        shutdown()  # child of a dead server could not be waited for: no signal name)
+    if _CHILD is None:
+        for attempt in (1, 2):
+            if _SERVER is None:
+                _SERVER = Server(preload)
+            try:
+                _CHILD = _SERVER.fork(preload)
+                break
+            except (OSError, EOFError) as e:  # the server died or hung: once more, anew
+                _SERVER.close()
+                _SERVER = None
+                if attempt == 2:
+                    raise RuntimeError(f"the decode fork server failed: {e}") from e
+    return _CHILD
 
 
-def _child(preload: tuple[str, ...]) -> _Child:
-    global _CHILD, _SPARE
-    if _CHILD is None or not _CHILD.alive():
-        if _SPARE is not None and _SPARE.alive():
-            _CHILD, _SPARE = _SPARE, None
-        else:
-            _CHILD = _Child(preload)
-    if _SPARE is None or not _SPARE.alive():
-        _SPARE = _Child(preload)
-    return _CHILD.ready()
-
-
-def _discard(child: _Child) -> None:
+def _discard(child: Child, kill: bool = True) -> str:
+    """Forget the working child: killed (timeout, broken socket) or, kill=False, dead
+    (crash); -> what ended it."""
     global _CHILD
-    child.kill()
     if _CHILD is child:
         _CHILD = None
+    if kill:
+        child.kill()
+        return ""
+    return child.death()
+
+
+def shutdown() -> None:
+    """Let the child and the server go (they exit on EOF); the next batch starts anew."""
+    global _SERVER, _CHILD
+    if _CHILD is not None:
+        _CHILD.close()
+    if _SERVER is not None:
+        _SERVER.close()
+    _SERVER = _CHILD = None
 
 
 def decode_isolated(items: list[Item], decode: Callable[[bytes], Any],
                     read: Callable[[str], bytes], timeout_s: float) -> Iterator[Result]:
     """One Result per item, in order, whatever the files do to the decoder."""
     fault = os.environ.get(DECODE_FAULT_ENV, "")
-    # What the child imports before it says ready: the modules of the callables it runs.
+    # What the server imports before it forks: the modules of the callables the child runs.
     preload = tuple(sorted({_module_of(decode), _module_of(read)}))
     pending = list(items)
     while pending:
         child = _child(preload)
         try:
-            child.send.send((decode, read, pending, fault))
-        except (BrokenPipeError, OSError):  # died between batches: a fresh one takes it
+            child.conn.send((decode, read, pending, fault))
+        except OSError:  # died between batches: a new fork takes it
             _discard(child)
             continue
         done = 0
@@ -190,9 +163,7 @@ def decode_isolated(items: list[Item], decode: Callable[[bytes], Any],
             try:
                 got_index, result = child.conn.recv()
             except (EOFError, OSError):
-                detail = child.death()
-                _discard(child)
-                yield index, ("err", reasons.REASON_CRASHED, detail)
+                yield index, ("err", reasons.REASON_CRASHED, _discard(child, kill=False))
                 break
             if got_index != index:  # cannot happen: results come back in order
                 raise RuntimeError(f"decode child answered item {got_index}, expected {index}")
@@ -209,8 +180,5 @@ def _module_of(fn: Callable) -> str:
 __all__ = ["decode_isolated", "decode_one", "DECODE_FAULT_ENV"]
 
 
-if __name__ == "__main__":  # the child: python -m pipeline.data.isolate IN OUT [MODULE ...]
-    for module in sys.argv[3:]:  # warm: the decoders' imports before the first file
-        importlib.import_module(module)
-    _child_main(Connection(int(sys.argv[1]), writable=False),
-                Connection(int(sys.argv[2]), readable=False))
+if __name__ == "__main__":  # the fork server: python -m pipeline.data.isolate FD [MODULE ...]
+    serve(int(sys.argv[1]), sys.argv[2:], _child_main)
