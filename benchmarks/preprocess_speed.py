@@ -2,6 +2,7 @@
 
     python -m benchmarks.preprocess_speed [--images 2000] [--audio 500] [--videos 100]
         [--scale 1.0] [--mem-scale 10] [--variants] [--repeat 2] [--workdir DIR] [key=value ...]
+    python -m benchmarks.preprocess_speed --hostile [--images 2000] [--repeat 2]
 
 Per modality, on the same generated files and the same DecodeSpec (default config: 224 px,
 48 kHz x 2.56 s, 8 frames), three rates in rows/s:
@@ -18,6 +19,11 @@ Memory: peak PSS (proportional set size, so shared object-store pages count once
 over this process and all its descendants (GCS, raylet, workers), sampled every 0.2 s,
 during the image job at 1x and --mem-scale x the input (extra copies are hard links
 under other names, so decoding work is identical). Target: 10x input < 1.5x memory.
+--hostile (issue 17) runs only the hostile-corpus rows instead: --images good PNGs vs the
+same + 1% bad files (benchmarks.hostile_corpus: truncated, text, FIFO, /dev/zero, dangling,
+oversized and decoder-crashing files), isolation on, each the fastest of --repeat
+alternating runs; rows/s over the whole job and the largest RSS of any one process. Target:
+the 1%-bad rate >= 90% of the clean rate, accepted + rejected = inputs.
 """
 
 from __future__ import annotations
@@ -233,6 +239,20 @@ def config(modality: str, src: Path, out: Path, overrides: list[str]) -> Preproc
 # ---------------------------------------------------------------------------- the report
 
 
+def hostile(root: Path, images: int, repeat: int) -> None:
+    """--hostile: clean images vs the same + 1% bad files, with benchmarks.hostile_corpus's
+    corpora and rows (its fault hook set before Ray started)."""
+    from benchmarks import hostile_corpus
+
+    work = root / f"hostile-{images}"
+    shutil.rmtree(work, ignore_errors=True)
+    n_bad = hostile_corpus.image_corpora(work, images)
+    for _ in range(2):  # warm: Ray workers, their fork servers and decode children
+        hostile_corpus.run("warm-up", work / "images", work / "out", "image", [])
+    rows = hostile_corpus.one_percent_rows(work, n_bad, repeat)
+    hostile_corpus.print_rows(rows)
+    hostile_corpus.print_ratio(*rows)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
@@ -245,6 +265,8 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=os.cpu_count(), help="physical cores")
     ap.add_argument("--variants", action="store_true", help="also time image job variants")
     ap.add_argument("--repeat", type=int, default=2, help="best of N runs per measurement")
+    ap.add_argument("--hostile", action="store_true",
+                    help="only the clean vs 1%%-bad image rows (issue 17)")
     ap.add_argument("--workdir", default="/tmp/hip-bench-preprocess")
     ap.add_argument("overrides", nargs="*", help="preprocess config overrides")
     args = ap.parse_args()
@@ -255,11 +277,19 @@ def main() -> None:
 
     from pipeline.runtime import init_ray
 
+    if args.hostile:  # before Ray starts: its workers inherit the test-only fault hook
+        from benchmarks.hostile_corpus import use_fault_hook
+
+        use_fault_hook()
     # Ray starts workers at nice 15; the baselines run here at nice 0. On a shared machine
     # that alone would starve the job, so workers get the baselines' priority.
     os.environ.setdefault("RAY_worker_niceness", "0")
     info = init_ray()
     print(f"ray: {info.cpus:.0f} logical CPUs", flush=True)
+    if args.hostile:
+        hostile(root, counts.get("image", 10), args.repeat)
+        print(f"load average at the end: {load_avg()}")
+        return
     warm = generate(root, "image", 40)
     ray_job(config("image", warm, root / "out-warm", args.overrides))  # start workers
 
