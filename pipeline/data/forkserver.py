@@ -27,6 +27,7 @@ when the worker's end of the child's socket closes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import pickle
@@ -149,11 +150,15 @@ def _signal(pid: int) -> None:
 # ------------------------------------------------------------------------ the server side
 
 
-def serve(fd: int, modules: list[str], child_main: Callable[[Connection], None]) -> None:
-    """The server's loop (a single thread): answer fork / kill / wait until EOF."""
+def serve(fd: int, modules: list[str], child_main: Callable[[Connection], None],
+          warm: Callable[[], None] | None = None) -> None:
+    """The server's loop (a single thread): answer fork / kill / wait until EOF. `warm` runs
+    once after the imports (what the children would otherwise each do on first use)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the job; children inherit
     for module in modules:  # warm: every child is forked with the decoders' imports done
         importlib.import_module(module)
+    if warm is not None:
+        warm()
     threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
     if threads > 1:
         print(f"pipeline.data.isolate: the fork server runs {threads} threads after its "
@@ -179,6 +184,7 @@ def _fork(sock: socket.socket, modules: tuple[str, ...],
     for module in modules:  # imported here once, not in every child
         importlib.import_module(module)
     ours, theirs = socket.socketpair()
+    gc.freeze()  # the children's collections leave the server's objects (and pages) alone
     pid = os.fork()
     if pid == 0:  # the child: only its own end of its own socket
         code = 0

@@ -90,6 +90,14 @@ def _child_main(conn: Connection) -> None:
             conn.send((index, decode_one(decode, read, source, fault)))
 
 
+def _warm_decoders() -> None:
+    """In the fork server, after its imports: what the decoders load lazily on first use,
+    done once there instead of in every forked child (PIL's image format plugins)."""
+    image = sys.modules.get("PIL.Image")
+    if image is not None:
+        image.init()
+
+
 # One fork server and one working child per Ray worker process, reused across batches and
 # tasks. After a crash or a timeout the server forks the replacement (milliseconds, decoders
 # already imported); if the server itself has died, a new one is started.
@@ -181,4 +189,4 @@ __all__ = ["decode_isolated", "decode_one", "DECODE_FAULT_ENV"]
 
 
 if __name__ == "__main__":  # the fork server: python -m pipeline.data.isolate FD [MODULE ...]
-    serve(int(sys.argv[1]), sys.argv[2:], _child_main)
+    serve(int(sys.argv[1]), sys.argv[2:], _child_main, warm=_warm_decoders)
