@@ -1,18 +1,21 @@
 """Learning quality of the quickstart training configs: floors, HiP, MAE, label scarcity.
 
-    python -m benchmarks.learning [--data DIR] [--modality image|audio] [--size S]
-        [--seeds N] [--quick] [--arms a,b,c,d,e,f] [--pretrain-steps N] [--finetune-steps N]
-        [--pretrain-config YAML] [--finetune-config YAML] [--pre K=V] [--ft K=V]
-        [--cache-mae] [--json PATH] [key=value ...]
+    python -m benchmarks.learning [--data DIR | --digits] [--modality image|audio]
+        [--size S] [--seeds N] [--quick] [--arms a,b,c,d,e,f] [--pretrain-steps N]
+        [--finetune-steps N] [--pretrain-config YAML] [--finetune-config YAML]
+        [--pre K=V] [--ft K=V] [--cache-mae] [--probe mean,flat,enc,...] [--llrd F]
+        [--llrd-all] [--json PATH] [key=value ...]
 
 The runs themselves (data, the training loop, the linear models) are in
 benchmarks/learning_runs.py; this module is the command, the arms and the table.
 
 A class-folder set (ImageFolder layout; default: the embedded sample data, written once under
---workdir) goes once through the real `run_preprocess` (Ray Data; reused when its manifest
-exists), then the train and val shards are read into memory with pyarrow. Training runs the
-pipeline's own pieces (build_model from a TrainConfig, make_optimizer, lr_factor,
-to_model_input, load_mae_weights) in a plain in-process CPU loop: one fixed seed per run,
+--workdir; --digits: scikit-learn's bundled digits, 1,797 8x8 greyscale scans, written once
+as greyscale PNG class folders upscaled bilinearly to --size, default 16) goes once through
+the real `run_preprocess` (Ray Data; reused when its manifest exists), then the train and val
+shards are read into memory with pyarrow. Training runs the pipeline's own pieces
+(build_model from a TrainConfig, make_optimizer, lr_factor, to_model_input,
+load_mae_weights) in a plain in-process CPU loop: one fixed seed per run,
 batches from a seeded per-epoch permutation, global batch = optim.batch_size x
 max(1, trainer.num_workers) x optim.grad_accum (what the quickstart's workers see together).
 
@@ -22,9 +25,11 @@ Arms (val accuracy on the full val split, mean +- std over seeds):
   b  HiP from scratch, full labels (fine-tune config)
   c  HiP fine-tuned from its MAE run (pretrain config on the train split, no labels)
   d  label-scarce: k = 5 and 20 labels per class (seeded subset of train), MAE init (c's MAE
-     model) vs scratch
-  e  linear probe (logistic regression) on frozen features: mean of the classifier backbone's
-     latents (B, ..., K, D) -> (B, D); MAE encoder vs a randomly initialised one
+     model) vs scratch, and logistic regression on the same k raw inputs for scale
+  e  linear probe (logistic regression) on frozen features of the classifier backbone
+     (--probe, default mean: mean of the last level's latents (B, K, D) -> (B, D); flat, enc,
+     cat, pre, preflat: see learning_runs.PROBES); MAE encoder vs a randomly initialised one.
+     The first --probe kind is the one the target reads.
   f  the Perceiver with Fourier features from scratch (--perceiver-preset), fine-tune config
 b and c evaluate every ~10% of the steps; "swing" is the largest drop of val accuracy between
 consecutive evaluations after warm-up. Overrides: key=value for both configs, --pre / --ft for
@@ -46,8 +51,11 @@ from typing import Any
 
 from benchmarks.common import machine
 from benchmarks.learning_runs import (
+    DIGITS_RESAMPLE,
+    PROBES,
     RunResult,
     Split,
+    digits_folder,
     frozen_features,
     global_batch,
     k_shot,
@@ -67,7 +75,9 @@ TARGET_E_GAIN = 0.10
 
 
 def shards_tag(args: argparse.Namespace, data: Path) -> str:
-    if args.data is None:
+    if args.digits:
+        name = "digits"
+    elif args.data is None:
         name = f"sample{args.per_class}"
     else:
         digest = hashlib.sha1(str(data.resolve()).encode()).hexdigest()[:8]
@@ -126,8 +136,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, help="class folders (ImageFolder layout); default: "
                    "the embedded sample data")
+    p.add_argument("--digits", action="store_true",
+                   help="scikit-learn's bundled digits (1,797 8x8 greyscale scans, 10 classes) "
+                   f"as class folders of PNGs upscaled ({DIGITS_RESAMPLE}) to --size "
+                   "(default 16), written once under --workdir")
     p.add_argument("--modality", choices=("image", "audio"), default="image")
-    p.add_argument("--size", type=int, help="image.size (default 32; --quick 16)")
+    p.add_argument("--size", type=int, help="image.size (default 32; --quick and --digits 16)")
     p.add_argument("--sample-rate", type=int, help="audio.sample_rate (default 16000; "
                    "--quick 8000)")
     p.add_argument("--seconds", type=float, help="audio.seconds (default 1.0; --quick 0.5)")
@@ -154,6 +168,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep each seed's MAE weights under <workdir>/mae-cache and reuse "
                    "them when the pretrain config, seed and shards match (for fine-tune "
                    "sweeps; the MAE wall time shown is then the original run's)")
+    p.add_argument("--probe", default="mean",
+                   help="arm e's frozen features, comma-separated kinds of "
+                   f"{','.join(PROBES)} (the first is the target's)")
+    p.add_argument("--llrd", type=float, help="layer-wise lr decay for the fine-tunes from "
+                   "MAE (c, d): head x1, processor x F, level 0 x F^2, embeddings x F^3 "
+                   "(benchmark-only; scratch runs keep the config's optimizer)")
+    p.add_argument("--llrd-all", action="store_true",
+                   help="apply --llrd to the scratch fine-tunes (b, d) too")
     p.add_argument("--evals", type=int, default=10, help="evaluations in b and c (swing)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="torch.set_num_threads")
@@ -165,7 +187,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="overrides for both training configs (dotted keys)")
     args = p.parse_args(argv)
     q = args.quick
-    defaults = {"size": 16 if q else 32, "sample_rate": 8000 if q else 16_000,
+    if args.digits and args.data is not None:
+        p.error("--digits and --data are exclusive")
+    if args.digits and args.modality != "image":
+        p.error("--digits is an image set")
+    defaults = {"size": 16 if (q or args.digits) else 32, "sample_rate": 8000 if q else 16_000,
                 "seconds": 0.5 if q else 1.0, "per_class": 20 if q else 100,
                 "seeds": 1 if q else 3, "pretrain_steps": 20 if q else None,
                 "finetune_steps": 20 if q else None}
@@ -176,6 +202,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.arms or set(args.arms) - set(ARMS):
         p.error(f"--arms must be letters of {ARMS}, got {args.arms!r}")
     args.k = [int(k) for k in str(args.k).split(",") if k.strip()]
+    args.probe = [k.strip() for k in args.probe.split(",") if k.strip()]
+    if not args.probe or set(args.probe) - set(PROBES):
+        p.error(f"--probe must be kinds of {list(PROBES)}, got {args.probe}")
     return args
 
 
@@ -207,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
 
     pre_cfg, ft_cfg, pc_cfg = load_configs(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    data = args.data or sample_folder(args.workdir, args.modality, args.per_class)
+    if args.digits:
+        data = digits_folder(args.workdir, args.size)
+    else:
+        data = args.data or sample_folder(args.workdir, args.modality, args.per_class)
     pp = ([f"image.size={args.size}"] if args.modality == "image" else
           [f"audio.sample_rate={args.sample_rate}", f"audio.seconds={args.seconds}"])
     out = args.workdir / "shards" / shards_tag(args, data)
@@ -256,31 +288,42 @@ def main(argv: list[str] | None = None) -> int:
                 f"{res.train_loss:.4f}, val loss {res.val_loss:.4f} ({res.wall_s:.0f} s)"
                 + (f"; cached {cached}" if cached else ""))
         if "b" in args.arms:
-            res = train(ft_cfg, manifest, tr, va, seed=seed, evals=args.evals)
+            res = train(ft_cfg, manifest, tr, va, seed=seed, evals=args.evals,
+                        llrd=args.llrd if args.llrd_all else None)
             add("b", res)
             log(f"seed {seed} b scratch: acc {res.accuracy:.3f}, swing {res.swing:.3f} "
                 f"({res.wall_s:.0f} s); evals {[round(a, 3) for _, a in res.history]}")
         if "c" in args.arms:
-            res = train(ft_cfg, manifest, tr, va, seed=seed, init=mae_state, evals=args.evals)
+            res = train(ft_cfg, manifest, tr, va, seed=seed, init=mae_state, evals=args.evals,
+                        llrd=args.llrd)
             add("c", res)
             log(f"seed {seed} c from MAE: acc {res.accuracy:.3f}, swing {res.swing:.3f} "
                 f"({res.wall_s:.0f} s); evals {[round(a, 3) for _, a in res.history]}")
         if "d" in args.arms:
             for k in args.k:
                 sub = k_shot(tr, k, seed)
+                acc = logreg_accuracy(raw_features(sub, "raw"), sub.labels.numpy(),
+                                      raw_features(va, "raw"), yva, seed)
+                add(f"d:{k}:logreg", acc=acc, wall=0.0)
+                log(f"seed {seed} d k={k} logreg raw: acc {acc:.3f}")
                 for name, init in (("mae", mae_state), ("scratch", None)):
-                    res = train(ft_cfg, manifest, sub, va, seed=seed, init=init)
+                    llrd = args.llrd if (init is not None or args.llrd_all) else None
+                    res = train(ft_cfg, manifest, sub, va, seed=seed, init=init, llrd=llrd)
                     add(f"d:{k}:{name}", res)
                     log(f"seed {seed} d k={k} {name}: acc {res.accuracy:.3f} "
                         f"({res.wall_s:.0f} s)")
         if "e" in args.arms:
-            for name, init in (("mae", mae_state), ("random", None)):
-                t0 = time.perf_counter()
-                acc = logreg_accuracy(
-                    frozen_features(ft_cfg, manifest, tr, seed=seed, init=init), ytr,
-                    frozen_features(ft_cfg, manifest, va, seed=seed, init=init), yva, seed)
-                add(f"e:{name}", acc=acc, wall=time.perf_counter() - t0)
-                log(f"seed {seed} e probe {name}: acc {acc:.3f}")
+            for kind in args.probe:
+                for name, init in (("mae", mae_state), ("random", None)):
+                    t0 = time.perf_counter()
+                    acc = logreg_accuracy(
+                        frozen_features(ft_cfg, manifest, tr, seed=seed, init=init, kind=kind),
+                        ytr,
+                        frozen_features(ft_cfg, manifest, va, seed=seed, init=init, kind=kind),
+                        yva, seed)
+                    key = f"e:{name}" if kind == args.probe[0] else f"e:{name}:{kind}"
+                    add(key, acc=acc, wall=time.perf_counter() - t0)
+                    log(f"seed {seed} e probe ({kind}) {name}: acc {acc:.3f}")
         if "f" in args.arms:
             res = train(pc_cfg, manifest, tr, va, seed=seed)
             add("f", res)
@@ -300,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"finetune: {args.finetune_config.name} {' '.join(args.overrides + args.ft)}; "
           f"{ft_cfg.model.preset}, head {ft_cfg.model.head}, lr {ft_cfg.optim.lr:g}, warmup "
           f"{ft_cfg.optim.warmup_steps}, {ft_cfg.trainer.steps} steps x batch "
-          f"{global_batch(ft_cfg)}, label smoothing {ft_cfg.optim.label_smoothing}")
+          f"{global_batch(ft_cfg)}, label smoothing {ft_cfg.optim.label_smoothing}"
+          + (f", layer-wise lr decay {args.llrd:g}"
+             + (" (all fine-tunes)" if args.llrd_all else " (from MAE)") if args.llrd else ""))
     print(f"seeds {seeds}; in-process CPU loop; total wall {total:.0f} s\n")
     print("| arm | run | labels | val accuracy | swing (max) | wall s / seed |")
     print("|---|---|---|---:|---:|---:|")
@@ -312,11 +357,15 @@ def main(argv: list[str] | None = None) -> int:
             ("b", "b", "HiP from scratch", full),
             ("c", "c", "HiP from MAE", full)]
     for k in args.k:
-        rows += [(f"d:{k}:mae", "d", "HiP from MAE", labels_k[k]),
+        rows += [(f"d:{k}:logreg", "d", "logreg, raw pixels" if args.modality == "image"
+                  else "logreg, raw samples", labels_k[k]),
+                 (f"d:{k}:mae", "d", "HiP from MAE", labels_k[k]),
                  (f"d:{k}:scratch", "d", "HiP from scratch", labels_k[k])]
-    rows += [("e:mae", "e", "linear probe, MAE encoder", full),
-             ("e:random", "e", "linear probe, random encoder", full),
-             ("f", "f", f"{args.perceiver_preset} from scratch", full)]
+    for kind in args.probe:
+        tail = "" if kind == args.probe[0] else f":{kind}"
+        rows += [(f"e:mae{tail}", "e", f"linear probe ({kind}), MAE encoder", full),
+                 (f"e:random{tail}", "e", f"linear probe ({kind}), random encoder", full)]
+    rows += [("f", "f", f"{args.perceiver_preset} from scratch", full)]
     for key, arm, what, labels in rows:
         if key not in R:
             continue

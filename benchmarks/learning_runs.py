@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -51,6 +52,34 @@ def sample_folder(workdir: Path, modality: str, per_class: int) -> Path:
                           image_size=64, sample_rate=16_000, audio_seconds=1.0)
         done.write_text("ok\n")
     return raw / modality
+
+
+DIGITS_RESAMPLE = "bilinear"
+
+
+def digits_folder(workdir: Path, size: int = 16) -> Path:
+    """scikit-learn's bundled digits (1,797 8x8 greyscale scans, values 0..16, 10 classes;
+    shipped inside sklearn, no download) written once as class folders 0..9 of greyscale
+    PNGs, values scaled to 0..255 and upscaled to size x size with Pillow's bilinear filter:
+    the user's set of issue 15 ("about 1,800 small greyscale scans, 10 classes")."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = workdir / f"digits-{size}px"
+    done = root / ".done"
+    if done.exists():
+        return root
+    d = load_digits()
+    for i, (img, label) in enumerate(zip(d.images, d.target, strict=True)):
+        folder = root / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        im = Image.fromarray(pixels)  # (8, 8) uint8 -> mode "L"
+        if size != pixels.shape[0]:
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        im.save(folder / f"{i:04d}.png")
+    done.write_text("ok\n")
+    return root
 
 
 def preprocess(data: Path, out: Path, modality: str, overrides: list[str],
@@ -157,10 +186,40 @@ def evaluate(model, cfg, spec, val: Split, batch_size: int = 128) -> tuple[float
     return loss_sum / n, (correct / n if cfg.task == "classify" else float("nan"))
 
 
+def layer_depth(name: str, levels: int) -> int:
+    """Depth of a classifier parameter for layer-wise lr decay: the head 0, the last built
+    level 1, ..., level 0 `levels`, the input adapter (embeddings, positions) levels + 1."""
+    if name.startswith("head."):
+        return 0
+    m = re.match(r"backbone\.levels\.(\d+)\.", name)
+    if m:
+        return levels - int(m.group(1))
+    return levels + 1
+
+
+def make_optimizer_llrd(model, cfg, decay: float):
+    """make_optimizer's AdamW (same decay / no-decay split) with the lr of each parameter
+    scaled by decay ** layer_depth (BEiT/MAE fine-tuning's layer-wise lr decay; benchmark
+    only, no config field)."""
+    import torch
+
+    levels = len(model.backbone.levels)
+    groups: dict[tuple[int, bool], list] = {}
+    for name, p in model.named_parameters():
+        no_wd = p.ndim < 2 or name.endswith(".table")
+        groups.setdefault((layer_depth(name, levels), no_wd), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": 0.0 if no_wd else cfg.optim.weight_decay,
+          "lr": cfg.optim.lr * decay ** depth} for (depth, no_wd), ps in groups.items()],
+        lr=cfg.optim.lr, betas=cfg.optim.betas)
+
+
 def train(cfg, manifest, train_split: Split, val: Split, *, seed: int,
-          init: dict[str, Any] | None = None, evals: int = 0) -> RunResult:
+          init: dict[str, Any] | None = None, evals: int = 0,
+          llrd: float | None = None) -> RunResult:
     """cfg.trainer.steps optimizer steps; `evals` evaluations spread over them (plus the final
-    one). Returns final val metrics, the eval history and (MAE) the trained state dict."""
+    one). Returns final val metrics, the eval history and (MAE) the trained state dict.
+    llrd: layer-wise lr decay for classification (None: the pipeline's make_optimizer)."""
     import torch
     import torch.nn.functional as F
 
@@ -174,7 +233,10 @@ def train(cfg, manifest, train_split: Split, val: Split, *, seed: int,
     model = build_model(cfg, manifest)
     if init is not None:
         load_mae_weights(model, init)
-    opt = make_optimizer(model, cfg)
+    if llrd is not None and cfg.task == "classify":
+        opt = make_optimizer_llrd(model, cfg, llrd)
+    else:
+        opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     steps, n = cfg.trainer.steps, len(train_split)
     bs = min(global_batch(cfg), n)
@@ -258,26 +320,65 @@ def raw_features(split: Split, kind: str) -> np.ndarray:
     return pooled.reshape(len(split), -1).numpy()
 
 
+PROBES = {
+    "mean": "mean over the last level's latents (B, K, D) -> D (the original probe)",
+    "flat": "the last level's latents concatenated (B, K*D)",
+    "enc": "level 0's latents, mean over each group's K, groups concatenated (B, G*D0)",
+    "cat": "mean + enc concatenated",
+    "pre": "the last level's latents before its last self-attention layer, mean (B, D)",
+    "preflat": "the same, concatenated (B, K*D)",
+}
+
+
 def frozen_features(cfg, manifest, split: Split, *, seed: int,
-                    init: dict[str, Any] | None) -> np.ndarray:
-    """Mean over the classifier backbone's latents (B, ..., K, D) -> (N, D), weights frozen."""
+                    init: dict[str, Any] | None, kind: str = "mean") -> np.ndarray:
+    """Features of the classifier backbone (encoder + processor), weights frozen: `kind` is
+    one of PROBES. Shapes: levels give (B, G, K, D); the processor has G = 1."""
     import torch
 
     from models import load_mae_weights
     from pipeline.train.batches import input_spec, to_model_input
     from pipeline.train.build import build_model
 
+    if kind not in PROBES:
+        raise ValueError(f"unknown probe {kind!r}; choose one of {list(PROBES)}")
     torch.manual_seed(seed)
     spec = input_spec(manifest)
     model = build_model(cfg, manifest)
     if init is not None:
         load_mae_weights(model, init)
     model.eval()
+    backbone = model.backbone
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [backbone.levels[0].register_forward_hook(
+        lambda m, i, o: seen.__setitem__("enc", o))]
+    last = backbone.levels[-1]
+    if len(last.layers):
+        hooks.append(last.layers[-1].register_forward_hook(
+            lambda m, i, o: seen.__setitem__("pre", i[0])))
     feats = []
-    with torch.no_grad():
-        for i in range(0, len(split), 128):
-            x = to_model_input(split.batch(slice(i, i + 128)), spec)
-            feats.append(model.backbone(x).flatten(1, -2).mean(1))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(split), 128):
+                x = to_model_input(split.batch(slice(i, i + 128)), spec)
+                z = backbone(x)  # (B, G, K, D)
+                pre = seen.get("pre", z)
+                if kind == "mean":
+                    f = z.flatten(1, -2).mean(1)
+                elif kind == "flat":
+                    f = z.flatten(1)
+                elif kind in ("enc", "cat"):
+                    f = seen["enc"].mean(2).flatten(1)  # (B, G0, K0, D0) -> (B, G0*D0)
+                    if kind == "cat":
+                        f = torch.cat([z.flatten(1, -2).mean(1), f], 1)
+                elif kind == "pre":
+                    f = pre.flatten(1, -2).mean(1)
+                else:  # preflat
+                    f = pre.flatten(1)
+                feats.append(f)
+    finally:
+        for h in hooks:
+            h.remove()
     return torch.cat(feats).numpy()
 
 
