@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -89,3 +88,13 @@ def test_forks_share_the_servers_imports(run):
     results, _ = run(["crashme1", "crashme2", "crashme3", "crashme4", "b"])
     assert results == [("err", "crashed")] * 4 + [("ok", "")]
     assert time.monotonic() - start < 5  # 4 fresh interpreters would take >= 4 x ~1.5 s
+
+
+def test_a_batch_left_early_does_not_leak_answers_into_the_next(run, tmp_path):
+    run(["a", "b", "c"])
+    spec = DecodeSpec.from_config(PreprocessConfig(modality="image", image={"size": 8}))
+    items = [(i, str(tmp_path / f"{n}.png")) for i, n in enumerate("abc")]
+    results = isolate.decode_isolated(items, spec.decode, isolate.read_local, 60)
+    next(results)
+    results.close()  # two answers unread
+    assert run(["c", "b"])[0] == [("ok", ""), ("ok", "")]

@@ -176,7 +176,12 @@ def decode_isolated(items: list[Item], decode: Callable[[bytes], Any],
             if got_index != index:  # cannot happen: results come back in order
                 raise RuntimeError(f"decode child answered item {got_index}, expected {index}")
             done += 1
-            yield index, result
+            try:
+                yield index, result
+            except GeneratorExit:  # the caller stopped early: the child's further answers
+                if done < len(pending):  # must not reach the next batch
+                    _discard(child)
+                raise
         pending = pending[done + (1 if done < len(pending) else 0):]
 
 
