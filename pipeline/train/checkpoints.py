@@ -146,10 +146,15 @@ def load_newest(folders: list[str], warn=print) -> tuple[dict[str, Any], str] | 
 
 def newest_state(ckpt, *, local_dir: str | None, run_dir: str | None, warn=print
                  ) -> dict[str, Any] | None:
-    """The state a run resumes from: in local mode the newest readable folder of our own;
-    with Ray Train, Ray's latest registered checkpoint `ckpt`, then the older folders of the
-    run (RuntimeError when there are checkpoints and none loads)."""
-    if local_dir:  # local mode: our own checkpoint folders (Ray's local mode has none)
+    """The state a run resumes from: with Ray Train, Ray's latest registered checkpoint
+    `ckpt`, then the older folders of the run; without Ray Train's persistence (local mode,
+    a lean sweep trial: `local_dir`) the checkpoint Tune hands the trial (a PBT exploit of
+    another trial's, a paused HyperBand trial's) if any, else the newest readable folder of
+    our own. RuntimeError when there are checkpoints and none loads."""
+    if local_dir and ckpt is not None:  # from Tune: whose it is, the scheduler decided
+        with ckpt.as_directory() as d:
+            return load_state(Path(d) / STATE_FILE)
+    if local_dir:  # our own checkpoint folders (Ray Train's local mode has none)
         folders = step_folders(local_dir)
     elif ckpt is not None:
         folders = step_folders(run_dir) if run_dir else []

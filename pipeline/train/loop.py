@@ -1,12 +1,14 @@
 """The per-worker training loop of Ray Train: set-up, the loop, evaluation, reporting.
 
-`train_fn_per_worker({"args": WorkerArgs})` runs on every worker:
+`train_fn_per_worker({"args": WorkerArgs})` runs on every Ray Train worker; a lean sweep
+trial runs `train(setup(args, TuneSession(...)))` in its own process (sweeps/trial.py). The
+loop sees the outside world only through a Session (pipeline/train/session.py):
 
-    setup(args)      context (rank, device), model (+ init weights), optimizer, schedule,
-                     resume (Ray's checkpoint or, in local mode, our own), data iterators
+    setup(args, s)   context (rank, device), model (+ init weights), optimizer, schedule,
+                     resume (the session's checkpoint or our own folders), data iterators
     train(run)       optimizer steps until trainer.steps; logs, evaluates and reports
     evaluate(run)    one pass over this worker's val shard, summed across workers
-    report(run)      ray.train.report at eval and checkpoint steps (a barrier: every worker
+    report(run)      session.report at eval and checkpoint steps (a barrier: every worker
                      calls it at the same steps); rank 0 attaches the checkpoint
 
 What differs between MAE and classification lives in one task object (pipeline/train/tasks.py).
@@ -16,16 +18,13 @@ Only world rank 0 logs to MLflow.
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
-import ray.train.torch
 import torch
 
 from models import load_mae_weights
@@ -33,13 +32,13 @@ from pipeline import run_logger, storage, tracking
 from pipeline.config import config_to_dict
 from pipeline.train import checkpoints
 from pipeline.train.batches import input_spec, to_model_input, to_pixels
-from pipeline.train.build import build_model, make_optimizer, make_scheduler
+from pipeline.train.build import build_model, lr_factor, make_optimizer, make_scheduler
 from pipeline.train.config import TrainConfig
+from pipeline.train.faults import FAULT_ENV
+from pipeline.train.faults import maybe_fault as _maybe_fault
+from pipeline.train.session import Session, TrainSession
 from pipeline.train.tasks import Task, make_task
 
-FAULT_ENV = "HIP_TEST_FAULT"  # test-only: "rank:step:marker_path" exits that rank once
-DELAY_ENV = "HIP_TEST_STEP_DELAY_S"  # test-only: sleep this long after every step
-TEST_ENVS = (FAULT_ENV, DELAY_ENV)  # forwarded to the workers of a running cluster
 INIT_TENSORS_TAG = "hip.initialised_tensors"  # how many tensors finetune.init_from supplied
 RESUMED_TAG = "hip.resumed_from_step"
 SHUFFLE_BUFFER_ROWS = 256
@@ -53,9 +52,10 @@ class WorkerArgs:
     manifest: dict[str, Any]
     run_id: str | None  # the MLflow run rank 0 logs to (None: no logging)
     splits: tuple[str, ...] = ("train",)  # datasets given to the trainer
-    init_weights: Any = None  # ObjectRef of a state dict (finetune.init_from) or None
+    init_weights: Any = None  # state dict (or its ObjectRef) of finetune.init_from, or None
     init_from: str | None = None  # where init_weights came from, for the log line
-    local_dir: str | None = None  # local mode (num_workers=0): where the loop checkpoints
+    local_dir: str | None = None  # no Ray Train persistence (local mode, lean trials):
+    # where the loop writes its own checkpoints
     run_dir: str | None = None  # storage.path/<run name>: the run's checkpoint folders
     started_at: float | None = None  # when the job's process started (startup_s), epoch s
 
@@ -71,6 +71,7 @@ class _Ctx:
     local_dir: str | None = None  # set in local mode (trainer.num_workers=0): see report
     run_dir: str | None = None  # where every checkpoint of this run lives (fallbacks)
     mlflow: run_logger.RunLogger | None = None  # world rank 0's logger (survives outages)
+    session: Session | None = None  # where reports, checkpoints and datasets go
     manifest_hash: str = ""  # hashed once per run, not at every report (a long file list)
 
     @property
@@ -94,23 +95,6 @@ class Run:
     started_at: float | None = None  # WorkerArgs.started_at (startup_s)
     position: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "batch": 0})
     accum: int = 1  # micro-batches per optimizer step on each worker (accum_steps)
-
-
-def _maybe_fault(rank: int, step: int) -> None:
-    if delay := os.environ.get(DELAY_ENV):  # tests: a run long enough to lose a node in
-        time.sleep(float(delay))
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    fault_rank, fault_step, marker = spec.split(":", 2)
-    if rank == int(fault_rank) and step == int(fault_step) and not os.path.exists(marker):
-        Path(marker).write_text(f"rank {rank} exited at step {step}\n")
-        # Ray Train registers a reported checkpoint at the controller's next poll of the
-        # workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); a group that
-        # dies inside that window resumes from the checkpoint before. Wait it out so the
-        # test pins down resume-from-latest rather than that race.
-        time.sleep(6)
-        os._exit(17)  # a hard worker death, as a preempted node would give
 
 
 def _batches(ds, ctx: _Ctx, columns: list[str], *, train: bool,
@@ -166,16 +150,14 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train loop: config = {"args": WorkerArgs}."""
-    train(setup(config["args"]))
+    train(setup(config["args"], TrainSession()))
 
 
-def setup(args: WorkerArgs) -> Run:
+def setup(args: WorkerArgs, session: Session) -> Run:
     cfg = args.cfg
-    tctx = ray.train.get_context()
-    ctx = _Ctx(cfg, args.manifest, args.run_id, tctx.get_world_rank(), tctx.get_world_size(),
-               ray.train.torch.get_device(), local_dir=args.local_dir,
-               run_dir=args.run_dir or args.local_dir,
-               manifest_hash=tracking.manifest_hash(args.manifest))
+    ctx = _Ctx(cfg, args.manifest, args.run_id, session.rank, session.world, session.device,
+               local_dir=args.local_dir, run_dir=args.run_dir or args.local_dir,
+               session=session, manifest_hash=tracking.manifest_hash(args.manifest))
     ctx.mlflow = run_logger.RunLogger(cfg.tracking.uri, args.run_id) if ctx.logs else None
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -186,21 +168,22 @@ def setup(args: WorkerArgs) -> Run:
     model = build_model(cfg, ctx.manifest)
     if args.init_weights is not None:
         _init_weights(model, args, ctx)
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare_model(model)
     opt = make_optimizer(model, cfg)
     run = Run(ctx, task, spec, model, opt, make_scheduler(opt, cfg), None, None,
               accum=accum_steps(cfg, ctx.world), started_at=args.started_at)
     run.position["world"] = ctx.world
     _resume(run)
-    val_ds = ray.train.get_dataset_shard("val") if "val" in args.splits else None
-    run.train_data = _batches(ray.train.get_dataset_shard("train"), ctx,
-                              task.columns(list(spec)), train=True, position=run.position)
-    run.val_ds = val_ds
+    run.val_ds = session.dataset("val") if "val" in args.splits else None
+    run.train_data = _batches(session.dataset("train"), ctx, task.columns(list(spec)),
+                              train=True, position=run.position)
     return run
 
 
 def _init_weights(model: torch.nn.Module, args: WorkerArgs, ctx: _Ctx) -> None:
-    report = load_mae_weights(model, ray.get(args.init_weights))
+    weights = args.init_weights
+    report = load_mae_weights(model, ray.get(weights) if isinstance(weights, ray.ObjectRef)
+                              else weights)
     if ctx.rank == 0:
         print(f"[hip] initialised {len(report.loaded)} tensors from {args.init_from}; "
               f"new: {', '.join(sorted({k.split('.')[0] for k in report.missing}))}",
@@ -216,7 +199,7 @@ def _resume(run: Run) -> None:
     skipped with a warning for the one before it."""
     ctx = run.ctx
     say = (lambda m: print(m, flush=True)) if ctx.rank == 0 else (lambda m: None)
-    state = checkpoints.newest_state(ray.train.get_checkpoint(), local_dir=ctx.local_dir,
+    state = checkpoints.newest_state(ctx.session.resume_checkpoint(), local_dir=ctx.local_dir,
                                      run_dir=ctx.run_dir, warn=say)
     if state is None:
         return
@@ -224,6 +207,12 @@ def _resume(run: Run) -> None:
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     run.step = int(state["step"])
+    # This config's learning rate, not the checkpoint's: a PBT exploit resumes another
+    # trial's state with a perturbed optim.lr (the same value otherwise).
+    run.sched.base_lrs = [ctx.cfg.optim.lr] * len(run.sched.base_lrs)
+    for group in run.opt.param_groups:
+        group["initial_lr"] = ctx.cfg.optim.lr
+        group["lr"] = ctx.cfg.optim.lr * lr_factor(run.sched.last_epoch, ctx.cfg)
     # Every rank has consumed as many batches as rank 0 (equal splits, same steps).
     # Checkpoints from before the data position was saved restart the stream.
     saved = dict(state.get("data") or {})
@@ -373,7 +362,7 @@ def _log_sample(run: Run, x, out) -> None:
 
 
 def report(run: Run, metrics: dict[str, float], *, save: bool) -> None:
-    """ray.train.report at eval and checkpoint steps: Tune schedulers (ASHA) see every eval;
+    """session.report at eval and checkpoint steps: Tune schedulers (ASHA) see every eval;
     rank 0 attaches the checkpoint at checkpoint steps."""
 
     ctx = run.ctx
@@ -384,7 +373,7 @@ def report(run: Run, metrics: dict[str, float], *, save: bool) -> None:
             state = checkpoints.make_state(
                 run.model, run.opt, run.sched, step=run.step, config=config_to_dict(ctx.cfg),
                 manifest_hash=ctx.manifest_hash, data_position=run.position)
-            if ctx.local_dir:  # local mode: Ray Train would keep only a temp folder
+            if ctx.local_dir:  # no Ray Train persistence: our own folders
                 where = storage.storage_kwargs(checkpoints.persist_state(
                     state, ctx.local_dir, run.step, ctx.cfg.trainer.num_to_keep, ctx.run_id,
                     metrics))
@@ -393,7 +382,7 @@ def report(run: Run, metrics: dict[str, float], *, save: bool) -> None:
             else:
                 checkpoints.save_state(state, tmp, ctx.run_id, metrics)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ctx.session.report(metrics, checkpoint=checkpoint)
 
 
 __all__ = ["WorkerArgs", "Run", "train_fn_per_worker", "setup", "train", "train_step",
