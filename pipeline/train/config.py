@@ -30,6 +30,10 @@ class DataSection(StrictModel):
         "preserve_order; the per-epoch file order and the shuffle buffer are always seeded "
         "from trainer.seed): what a sweep comparing configurations wants; costs some ingest "
         "throughput on big clusters (docs/data-order.md)"))
+    in_memory_mb: float = Field(256.0, ge=0.0, description=(
+        "a lean sweep trial (one worker, in the trial's process) reads a split of at most "
+        "this many MB of shards into memory with pyarrow instead of opening a Ray Dataset "
+        "(no read tasks; a full shuffle per epoch); 0 = always Ray Data"))
 
 
 class ModelSection(StrictModel):

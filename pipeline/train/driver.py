@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,13 @@ from pipeline import run_logger, storage, tracking
 from pipeline.config import config_to_dict
 from pipeline.data import layout, reader
 from pipeline.runtime import init_ray, process_started_at
-from pipeline.train import checkpoints, resume
+from pipeline.train import checkpoints, inprocess, resume
 from pipeline.train.batches import TENSOR_COLUMNS, dataset_modality
 from pipeline.train.build import build_model
 from pipeline.train.config import TrainConfig, resolve_paths
-from pipeline.train.loop import TEST_ENVS, WorkerArgs, train_fn_per_worker
+from pipeline.train.faults import TEST_ENVS
+from pipeline.train.inprocess import InProcess
+from pipeline.train.loop import WorkerArgs, train_fn_per_worker
 from pipeline.train.pg_reaper import PlacementGroupReaper, install_reaper
 
 
@@ -131,7 +133,8 @@ def pass_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "big")
 
 
-def _datasets(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+def _datasets(cfg: TrainConfig, manifest: dict[str, Any], *, in_process: bool = False
+              ) -> dict[str, Any]:
     """Train: `passes` copies of the train split chained with union, each reading its files
     in its own random order, a new one every execution (epoch), all derived from
     trainer.seed (open_shards' file_seed): the same rows in the same orders on every run of
@@ -146,8 +149,9 @@ def _datasets(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     out = {"train": copies[0].union(*copies[1:]) if passes > 1 else copies[0]}
     if manifest.get("splits", {}).get(cfg.data.val_split):
         out["val"] = reader.open_shards(cfg.data.path, cfg.data.val_split).select_columns(columns)
-    if cfg.trainer.num_workers == 0:
-        # Ray Train's local mode hands the datasets over as they are: no DataConfig, so its
+    if in_process or cfg.trainer.num_workers == 0:
+        # Ray Train's local mode (and a lean trial) hands the datasets over as they are: no
+        # DataConfig, so its
         # preserve_order would never apply, and the chained passes' blocks would interleave
         # by timing (the same config gave other batches from step 2 on, 1 run in 3).
         for ds in out.values():
@@ -173,7 +177,8 @@ def _data_config(cfg: TrainConfig):
 
 def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
                  extra_tags: dict[str, str] | None = None, callbacks: list | None = None,
-                 restart: bool = False, log=print) -> TrainResult:
+                 restart: bool = False, in_process: InProcess | None = None,
+                 started_at: float | None = None, log=print) -> TrainResult:
     """Run one pretrain/finetune job on the current (or a new local) Ray cluster.
 
     trainer.num_workers=0 runs the loop in this process (Ray Train's local mode: no
@@ -185,8 +190,13 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     (pipeline/train/resume.py, else JobError); restart=True removes them first. A run that
     already reached trainer.steps returns its last result without training.
 
+    in_process: run the loop in this process under Tune (a lean sweep trial,
+    pipeline/train/inprocess.py) instead of a TorchTrainer. started_at: when this job's
+    process started for startup_s (default: this process's start).
+
     Once its MLflow run is open, the run is always ended: FINISHED; FAILED if anything
-    raises; KILLED on Ctrl-C or SIGTERM (in the main thread: see _sigterm_raises)."""
+    raises; KILLED on Ctrl-C, SIGTERM or a Tune stop (SystemExit; in the main thread:
+    see _sigterm_raises)."""
     cfg, manifest = preflight(cfg)
     run_name = _run_name(cfg)
     done = _resume_or_restart(cfg, manifest, run_name, restart, log)
@@ -197,10 +207,13 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
     init_ray()
     # Progress bars from Ray Data's split coordinators only garble a log file.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    # The built-in cleaner needs the State API (dashboard): see pipeline/train/pg_reaper.py.
-    reaper = [] if install_reaper() else [PlacementGroupReaper()]
-    # Through the object store, so workers on other nodes get the weights too.
-    init_ref = ray.put(init_weights) if init_weights is not None else None
+    reaper: list = []
+    if in_process is None:
+        # The built-in cleaner needs the State API (dashboard): see pipeline/train/pg_reaper.py.
+        reaper = [] if install_reaper() else [PlacementGroupReaper()]
+        # Through the object store, so workers on other nodes get the weights too.
+        if init_weights is not None:
+            init_weights = ray.put(init_weights)
     resolved = config_to_dict(cfg)
     tags = {"hip.task": cfg.task, "hip.preset": cfg.model.preset,
             "hip.manifest_hash": tracking.manifest_hash(manifest),
@@ -214,35 +227,41 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None,
                    "data/manifest.json": _json(manifest)})
     try:  # from here on the run is ended whatever happens
         with _sigterm_raises():
-            return _train_in_run(cfg, manifest, run_name, run_id, init_ref, callbacks, reaper,
-                                 log)
+            args = WorkerArgs(cfg, manifest, run_id, init_weights=init_weights,
+                              init_from=cfg.finetune.init_from,
+                              run_dir=storage.join(cfg.storage.path, run_name),
+                              started_at=started_at or process_started_at())
+            return _train_in_run(args, run_name, callbacks, reaper, in_process, log)
     except BaseException as e:  # Ctrl-C and SIGTERM: KILLED; anything else: FAILED
         stopped = isinstance(e, KeyboardInterrupt | SystemExit)
         run_logger.end_run(cfg.tracking.uri, run_id, "KILLED" if stopped else "FAILED")
         raise
 
 
-def _train_in_run(cfg: TrainConfig, manifest: dict[str, Any], run_name: str, run_id: str,
-                  init_ref, callbacks: list | None, reaper: list, log) -> TrainResult:
+def _train_in_run(args: WorkerArgs, run_name: str, callbacks: list | None, reaper: list,
+                  in_process: InProcess | None, log) -> TrainResult:
     """run_training once its MLflow run is open: record the dataset, fit, log the final
     checkpoint and end the run FINISHED (run_training ends it if this raises)."""
+    cfg, manifest, run_id = args.cfg, args.manifest, args.run_id
     tracking.log_dataset(cfg.tracking.uri, run_id, manifest, cfg.data.path)
     log(f"[hip] MLflow run {run_id} ({run_name}) in experiment {cfg.tracking.experiment!r} "
         f"at {cfg.tracking.uri}")
     log(f"[hip] checkpoints under {storage.join(cfg.storage.path, run_name)}")
     log("[hip] runs in the MLflow UI: "
         f"{tracking.ui_link(cfg.tracking.uri, cfg.tracking.experiment)}")
+    start = time.time()
+    if in_process is not None:  # the loop writes its own checkpoints (no Ray Train)
+        data = inprocess.datasets(cfg, manifest,
+                                  lambda: _datasets(cfg, manifest, in_process=True))
+        metrics, checkpoint = inprocess.fit(
+            replace(args, splits=tuple(data), local_dir=args.run_dir), data, in_process)
+        return _finish(cfg, run_id, run_name, checkpoint, metrics, time.time() - start)
     datasets = _datasets(cfg, manifest)
     # Local mode: the loop writes its own checkpoints (Ray keeps only a temp folder).
-    local_dir = storage.join(cfg.storage.path, run_name) if cfg.trainer.num_workers == 0 \
-        else None
+    local_dir = args.run_dir if cfg.trainer.num_workers == 0 else None
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"args": WorkerArgs(
-            cfg, manifest, run_id, splits=tuple(datasets), init_weights=init_ref,
-            init_from=cfg.finetune.init_from, local_dir=local_dir,
-            run_dir=storage.join(cfg.storage.path, run_name),
-            started_at=process_started_at())},
+        train_loop_config={"args": replace(args, splits=tuple(datasets), local_dir=local_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers,  # (min, max): Train V2's elastic policy
             elastic_resize_monitor_interval_s=cfg.trainer.elastic_check_s,
@@ -255,18 +274,22 @@ def _train_in_run(cfg: TrainConfig, manifest: dict[str, Any], run_name: str, run
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep)),
         datasets=datasets, dataset_config=_data_config(cfg))
-    start = time.time()
     result = trainer.fit()
-    elapsed = time.time() - start
-    ckpt_uri = _checkpoint_uri(cfg, result.checkpoint)
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
+    return _finish(cfg, run_id, run_name, result.checkpoint, dict(result.metrics or {}),
+                   time.time() - start)
+
+
+def _finish(cfg: TrainConfig, run_id: str, run_name: str, checkpoint, metrics: dict[str, Any],
+            elapsed: float) -> TrainResult:
+    """Log the final checkpoint's state file, tag where it lives, end the run FINISHED."""
+    ckpt_uri = _checkpoint_uri(cfg, checkpoint)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
             # checkpoint/state.pt: what `hip finetune --init-from RUN_ID` loads.
             tracking.client(cfg.tracking.uri).log_artifact(
                 run_id, str(Path(d) / checkpoints.STATE_FILE), "checkpoint")
     tracking.set_tags(cfg.tracking.uri, run_id, {tracking.CHECKPOINT_TAG: ckpt_uri or ""})
     tracking.end_run(cfg.tracking.uri, run_id, "FINISHED")
-    metrics = dict(result.metrics or {})
     return TrainResult(run_id=run_id, run_name=run_name, checkpoint=ckpt_uri, metrics=metrics,
                        elapsed_s=elapsed)
 
