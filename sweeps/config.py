@@ -89,13 +89,33 @@ class Dim(StrictModel):
         return f"{self.kind} {vals}{q}"
 
 
+# PBT perturbs only what keeps a trial's checkpoint loadable by another configuration.
+PBT_MUTABLE = ("optim.", "mae.")
+
+
 class SchedulerSection(StrictModel):
-    type: Literal["asha", "none"] = Field("asha", description="none = every trial runs to "
-                                          "trainer.steps")
+    type: Literal["asha", "hyperband", "pbt", "none"] = Field("asha", description=(
+        "asha: asynchronous successive halving (first arrivals at a rung may go on); "
+        "hyperband: synchronous HyperBand (a rung is cut only once every trial of the "
+        "bracket reached it: the same winner as the full sweep more often, paused trials "
+        "resume from checkpoints); pbt: population-based training (perturbs optim.* and "
+        "mae.* values, exploits through checkpoints); none: every trial runs to "
+        "trainer.steps"))
     grace_period: int = Field(1, ge=1, description="steps before ASHA may stop a trial "
                               "(its first rung)")
     reduction_factor: float = Field(3.0, ge=2.0, description="1/reduction_factor of the "
-                                    "trials at a rung go on to the next")
+                                    "trials at a rung go on to the next (asha, hyperband)")
+    brackets: int = Field(1, ge=1, description=(
+        "hyperband: brackets (trials dealt round-robin); bracket b's first rung is at "
+        "grace_period x reduction_factor^b steps. 1 = synchronous successive halving"))
+    perturbation_interval: int | None = Field(None, ge=1, description=(
+        "pbt: steps between exploit/explore decisions (None = trainer.eval_every x 2)"))
+    quantile_fraction: float = Field(0.25, gt=0.0, le=0.5, description=(
+        "pbt: the bottom fraction copies the top fraction's checkpoint and config"))
+    resample_probability: float = Field(0.25, ge=0.0, le=1.0, description=(
+        "pbt: chance a perturbed value is resampled from the space instead of scaled"))
+    mutate: list[str] | None = Field(None, description=(
+        "pbt: space keys to perturb (None = every optim.* and mae.* key of the space)"))
 
 
 class SearcherSection(StrictModel):
@@ -111,6 +131,14 @@ class ResourcesSection(StrictModel):
                                "when deriving max_concurrent_trials")
     max_concurrent: int | None = Field(None, ge=1, description="None = (cluster CPUs - "
                                        "reserve_cpu) // per-trial need (and GPUs likewise)")
+    lean: bool = Field(True, description=(
+        "a stage with one worker (trainer.num_workers 0 or 1) runs the training loop in the "
+        "trial's own process (no TorchTrainer, controller or worker actors); false = every "
+        "stage a nested TorchTrainer"))
+    gpus_per_trial: float | None = Field(None, ge=0.0, description=(
+        "GPUs a lean trial holds; fractions pack trials on one GPU (0.25: four per GPU). "
+        "None = 1 if trainer.use_gpu else 0. Multi-worker trials take "
+        "trainer.resources_per_worker"))
 
 
 class SweepConfig(StrictModel):
@@ -177,10 +205,30 @@ class SweepConfig(StrictModel):
         if grid and self.searcher.type == "optuna":
             raise ValueError(f"the optuna searcher samples; {grid} use grid (use choice, or "
                              "searcher.type: random)")
-        if self.scheduler.type == "asha" and "trainer.steps" in self.space:
-            raise ValueError("ASHA's max_t is trainer.steps; do not sweep trainer.steps with "
-                             "scheduler.type asha")
+        if self.scheduler.type != "none" and "trainer.steps" in self.space:
+            raise ValueError(f"{self.scheduler.type}'s horizon is trainer.steps; do not "
+                             f"sweep trainer.steps with scheduler.type {self.scheduler.type}")
+        if self.scheduler.type == "hyperband" and self.searcher.type != "random":
+            raise ValueError("scheduler.type hyperband needs searcher.type random (Tune's "
+                             "concurrency limiter would count trials waiting at a rung)")
+        if self.scheduler.type == "pbt":
+            bad = [k for k in self.pbt_mutations if k not in self.space]
+            if bad:
+                raise ValueError(f"scheduler.mutate names {bad}, which are not in the space")
+            fixed = [k for k in self.pbt_mutations if not k.startswith(PBT_MUTABLE)]
+            if fixed:
+                raise ValueError(f"pbt cannot perturb {fixed}: another trial's checkpoint "
+                                 f"must load (perturb keys under {', '.join(PBT_MUTABLE)})")
+            if not self.pbt_mutations:
+                raise ValueError("pbt needs an optim.* or mae.* key in the space to perturb")
         return self
+
+    @property
+    def pbt_mutations(self) -> list[str]:
+        """Space keys PBT perturbs."""
+        if self.scheduler.mutate is not None:
+            return list(self.scheduler.mutate)
+        return [k for k in self.space if k.startswith(PBT_MUTABLE)]
 
     @property
     def task(self) -> str:
@@ -264,21 +312,32 @@ def check_against_base(sweep: SweepConfig, base: TrainConfig) -> None:
     rungs must fit in the run. Raises ConfigError."""
     configs = [trial_config(base, {}, sweep=sweep, stage=s) for s in sweep.stages]
     t = configs[-1].trainer
-    if any(c.trainer.num_workers == 0 for c in configs):
+    if not sweep.resources.lean and any(c.trainer.num_workers == 0 for c in configs):
         # Ray 2.60 refuses ray.train.get_context()/report() inside a Tune trial's process,
         # which is where local mode would run the loop.
         raise ConfigError(f"sweep {sweep.name}: trainer.num_workers=0 (Ray Train's local "
-                          "mode) cannot run inside a Tune trial; use 1 or more workers")
+                          "mode) cannot run inside a Tune trial; use 1 or more workers, or "
+                          "resources.lean: true")
+    kind = sweep.scheduler.type
+    if kind in ("hyperband", "pbt") and not (
+            sweep.resources.lean and all(c.trainer.max_workers <= 1 for c in configs)):
+        raise ConfigError(f"sweep {sweep.name}: scheduler.type {kind} pauses or clones "
+                          "trials through Tune checkpoints, which lean trials give: use "
+                          "trainer.num_workers 1 and resources.lean: true")
+    if kind in ("hyperband", "pbt") and t.checkpoint_every != t.eval_every:
+        raise ConfigError(f"sweep {sweep.name}: scheduler.type {kind} restores trials from "
+                          f"the checkpoint of their last report: set trainer.checkpoint_every "
+                          f"({t.checkpoint_every}) = trainer.eval_every ({t.eval_every})")
+    if kind in ("asha", "hyperband") and sweep.scheduler.grace_period >= t.steps:
+        raise ConfigError(f"sweep {sweep.name}: scheduler.grace_period "
+                          f"({sweep.scheduler.grace_period}) must be below trainer.steps "
+                          f"({t.steps}), or {kind} can never stop a trial")
     if sweep.metric != "loss" and t.checkpoint_every % t.eval_every:
         # Reports happen at eval and checkpoint steps; a checkpoint-only report has no
         # val_* metric, and Tune fails a trial whose report lacks the sweep's metric.
         raise ConfigError(f"sweep {sweep.name}: trainer.checkpoint_every ({t.checkpoint_every})"
                           f" must be a multiple of trainer.eval_every ({t.eval_every}) so "
                           f"every report to Tune carries {sweep.metric}")
-    if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period >= t.steps:
-        raise ConfigError(f"sweep {sweep.name}: scheduler.grace_period "
-                          f"({sweep.scheduler.grace_period}) must be below trainer.steps "
-                          f"({t.steps}), or ASHA can never stop a trial")
 
 
 __all__ = ["Dim", "SweepConfig", "Stage", "KINDS", "load_sweep", "base_config", "base_path",

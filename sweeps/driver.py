@@ -22,7 +22,6 @@ from typing import Any
 import ray
 import ray.data
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from pipeline import locks, storage, tracking
@@ -32,7 +31,9 @@ from sweeps import tags as T
 from sweeps.config import SweepConfig
 from sweeps.outcomes import TrialOutcome, close_trials, pick_best, record_summary
 from sweeps.plan import SweepPlan
+from sweeps.schedulers import make_scheduler, scheduler_params
 from sweeps.space import format_point, grid_size, to_tune
+from sweeps.sync_halving import PauseAwareGenerator, Slots
 from sweeps.trial import TrialSetup, train_trial
 
 STATE_FILE = "sweep.json"
@@ -56,8 +57,34 @@ class SweepResult:
         return sum(t.status == status for t in self.trials)
 
 
+def all_lean(plan: SweepPlan) -> bool:
+    """Does every stage of a trial run in the trial's own process (sweeps/trial.py)?"""
+    r = plan.sweep.resources
+    return r.lean and all(plan.stage_config(s).trainer.max_workers <= 1
+                          and not plan.stage_config(s).trainer.elastic
+                          for s in plan.sweep.stages)
+
+
+def trial_resources(plan: SweepPlan) -> dict[str, float]:
+    """What the Tune trial actor itself holds. A lean trial trains in it: one worker's CPUs
+    and resources.gpus_per_trial (fractions share a GPU); otherwise it only drives a
+    TorchTrainer (resources.driver_cpu) whose workers hold their own."""
+    r = plan.sweep.resources
+    if not all_lean(plan):
+        return {"CPU": r.driver_cpu}
+    t = plan.scored_config().trainer
+    gpu = r.gpus_per_trial if r.gpus_per_trial is not None else \
+        t.resources_per_worker.get("GPU", 1.0 if t.use_gpu else 0.0)
+    out = {"CPU": t.resources_per_worker.get("CPU", 1.0)}
+    return {**out, "GPU": gpu} if gpu else out
+
+
 def _trial_need(plan: SweepPlan) -> tuple[float, float]:
-    """(CPUs, GPUs) one trial holds: its driver's CPU fraction plus its Train workers'."""
+    """(CPUs, GPUs) one trial holds: a lean trial its own; otherwise its driver's CPU
+    fraction plus its Train workers'."""
+    if all_lean(plan):
+        own = trial_resources(plan)
+        return own["CPU"], own.get("GPU", 0.0)
     need_cpu = need_gpu = 0.0
     # Stages run one after the other: the larger one counts.
     for cfg in (plan.stage_config(s) for s in plan.sweep.stages):
@@ -144,11 +171,8 @@ def _open_parent(plan: SweepPlan, max_concurrent: int) -> str:
               "resources.driver_cpu": s.resources.driver_cpu,
               "resources.max_concurrent_trials": max_concurrent,
               **{f"space.{k}": d.describe() for k, d in s.space.items()}}
-    if s.scheduler.type == "asha":
-        params.update({"scheduler.grace_period": s.scheduler.grace_period,
-                       "scheduler.reduction_factor": s.scheduler.reduction_factor,
-                       "scheduler.max_t": plan.scored_config().trainer.steps,
-                       "scheduler.time_attr": "step"})
+    params.update(scheduler_params(plan))
+    params["resources.lean"] = all_lean(plan)
     tags = T.to_parent(s.name, s.kind, s.metric, s.mode, list(s.space), plan.sweep_dir,
                        [f"{format_point(i.point)}: {i.reason}" for i in plan.invalid])
     return tracking.start_run(
@@ -184,13 +208,12 @@ def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
         return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,
                                   storage_filesystem=fs)
     s = plan.sweep
-    if s.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="step", max_t=plan.scored_config().trainer.steps,
-                                  grace_period=s.scheduler.grace_period,
-                                  reduction_factor=s.scheduler.reduction_factor, brackets=1)
-    else:
-        scheduler = FIFOScheduler()
-    if s.searcher.type == "optuna":
+    slots = Slots(max_concurrent)
+    scheduler = make_scheduler(plan, slots)
+    if s.scheduler.type == "hyperband" and s.searcher.type == "random":
+        # Trials waiting at a rung must not hold a concurrency slot (sync_halving.py).
+        search, limit = PauseAwareGenerator(slots, random_state=s.searcher.seed), None
+    elif s.searcher.type == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search = OptunaSearch(seed=s.searcher.seed)
@@ -206,10 +229,18 @@ def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
         tune_config=tune.TuneConfig(
             metric=s.metric, mode=s.mode, scheduler=scheduler, search_alg=search,
             num_samples=s.num_samples, max_concurrent_trials=limit,
-            trial_dirname_creator=_trial_dirname),
+            # A lean trial's actor (torch, the pipeline and MLflow imported) takes the next
+            # trial: a stopped trial's training thread exits at its next report.
+            reuse_actors=all_lean(plan), trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
             name="tune", **where, verbose=1,
-            failure_config=tune.FailureConfig(max_failures=s.max_failures)))
+            # Lean trials under hyperband / pbt give Tune a checkpoint at every report; Tune
+            # keeps them all: with num_to_keep, Ray 2.60 registers a checkpoint again when PBT
+            # or a pause saves the trial, then deletes it twice, and PBT's clone source is gone.
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            # A trial's last report ends it, whatever the scheduler: PBT would otherwise
+            # "exploit" a finished trial and run it again.
+            stop={"step": plan.scored_config().trainer.steps}))
 
 
 def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> SweepResult:
@@ -260,7 +291,7 @@ def _run_locked(plan: SweepPlan, resume: bool, log) -> SweepResult:
         f"{plan.tune_dir}")
     setup = TrialSetup(s, plan.base, parent, _data_context())
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
-                                    {"CPU": s.resources.driver_cpu})
+                                    trial_resources(plan))
     start = time.time()
     tuner = _tuner(plan, trainable, max_concurrent, resume, log)
     try:

@@ -1,11 +1,17 @@
 """One Tune trial: build the trial's job config and run it with pipeline.train.driver.run_training.
 
-`train_trial(config, setup)` is the Tune function trainable (the Train V2 + Tune pattern: a
-driver function that builds and fits one TorchTrainer per trial). `config` holds the sampled
+`train_trial(config, setup)` is the Tune function trainable. `config` holds the sampled
 values by dotted key; `setup` (a TrialSetup, through tune.with_parameters) the sweep, the
-resolved base config and the MLflow parent run. Metrics reach Tune through
-TuneReportCallback on the Train run; the Train run name derives from the trial id, so a
-restarted trial resumes from its last Train checkpoint.
+resolved base config and the MLflow parent run. Two ways to run a stage:
+
+  lean    a stage with one worker (trainer.num_workers 0 or 1, resources.lean) runs the
+          training loop in this process (pipeline/train/inprocess.py: no TorchTrainer, no
+          controller or worker actors) and reports with tune.report;
+  Train   a multi-worker stage builds and fits one TorchTrainer (the Train V2 + Tune
+          pattern); metrics reach Tune through TuneReportCallback on the Train run.
+
+The run name derives from the trial id, so a restarted trial resumes from its last
+checkpoint (or, lean, from the one Tune hands it: a PBT exploit, a paused HyperBand trial).
 
 MLflow (names in sweeps/tags.py): each trial stage is a child run of the sweep's parent run,
 tagged with the trial id and its stage; the run whose metric Tune sees is marked scored.
@@ -16,6 +22,7 @@ save must not cost a rerun).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +31,10 @@ from ray import tune
 
 from pipeline import tracking
 from pipeline.config import ConfigError
+from pipeline.runtime import process_started_at
 from pipeline.train.config import TrainConfig
 from pipeline.train.driver import JobError, run_training
+from pipeline.train.inprocess import InProcess
 from sweeps import tags as T
 from sweeps.callbacks import TrialReport
 from sweeps.config import Stage, SweepConfig, trial_config
@@ -33,6 +42,7 @@ from sweeps.plan import Tracked
 from sweeps.space import check_point
 
 REPORTED = ("loss", "val_loss", "val_accuracy", "lr", "step")
+_trials_in_this_process = 0  # Tune reuses a lean trial's actor for the next trial
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,16 @@ class TrialSetup(Tracked):
     base: TrainConfig  # resolved: absolute paths, storage.path = the sweep's train/ folder
     parent_run_id: str
     data_context: dict[str, Any] = field(default_factory=dict)  # Ray Data settings to copy
+
+    def lean(self, cfg: TrainConfig) -> bool:
+        """Does this stage run in the trial's own process (one worker, not elastic)?"""
+        return self.sweep.resources.lean and cfg.trainer.max_workers <= 1 \
+            and not cfg.trainer.elastic
+
+    @property
+    def tune_checkpoints(self) -> bool:
+        """Schedulers that restore trials from Tune's checkpoints (pause, exploit)."""
+        return self.sweep.scheduler.type in ("hyperband", "pbt")
 
 
 def trial_runs(uri: str, parent_run_id: str, trial_id: str, stage: str | None = None,
@@ -88,7 +108,10 @@ def _record_pruned(setup: TrialSetup, run_name: str, tags: dict[str, str],
 
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: config = the trial's sampled values by dotted key."""
-
+    global _trials_in_this_process
+    # startup_s counts from the process start, or from here in a reused actor.
+    started_at = process_started_at() if _trials_in_this_process == 0 else time.time()
+    _trials_in_this_process += 1
     ctx = ray.data.DataContext.get_current()
     for key, value in setup.data_context.items():
         setattr(ctx, key, value)
@@ -127,7 +150,9 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             _supersede(uri, parent, trial_id, "pretrain")
             cfg = trial_config(setup.base, values, sweep=sweep, stage="pretrain")
             cfg.tracking.run_name = f"{run_name}-pretrain"
-            init_from = run_training(cfg, parent_run_id=parent, log=log,
+            how = InProcess(to_tune=False) if setup.lean(cfg) else None
+            init_from = run_training(cfg, parent_run_id=parent, log=log, in_process=how,
+                                     started_at=started_at,
                                      extra_tags=tags("pretrain")).run_id
         else:
             init_from = pre.info.run_id
@@ -137,12 +162,19 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     except ConfigError as e:  # validated in check_point; only a changed base gets here
         raise JobError(str(e)) from None
     cfg.tracking.run_name = run_name if init_from is None else f"{run_name}-finetune"
-    result = run_training(cfg, parent_run_id=parent, log=log,
-                          callbacks=[TrialReport(cfg.trainer.steps)],
-                          extra_tags=tags(scored, scored=True))
+    lean = setup.lean(cfg)
+    result = run_training(
+        cfg, parent_run_id=parent, log=log, started_at=started_at,
+        extra_tags=tags(scored, scored=True),
+        in_process=InProcess(attach_checkpoints=setup.tune_checkpoints) if lean else None,
+        callbacks=None if lean else [TrialReport(cfg.trainer.steps)])
     tracking.set_tags(uri, result.run_id, T.to_outcome("FINISHED"))
-    # The last report, held back by TrialReport until the run is closed (see callbacks.py).
-    tune.report({k: v for k, v in result.metrics.items() if isinstance(v, int | float)})
+    # The last report, held back until the run is closed (TuneSession, callbacks.py).
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    if lean and setup.tune_checkpoints and result.checkpoint:
+        tune.report(final, checkpoint=tune.Checkpoint(result.checkpoint))
+    else:
+        tune.report(final)
 
 
 __all__ = ["train_trial", "trial_runs", "TrialSetup"]

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.config import ConfigError
 from sweeps.config import Dim, load_sweep
-from sweeps.driver import ingest_warning, max_concurrent_trials
+from sweeps.driver import all_lean, ingest_warning, max_concurrent_trials, trial_resources
 from sweeps.outcomes import TrialOutcome, pick_best
 from sweeps.plan import SweepPlan, plan_sweep
 from sweeps.space import grid_size, points
@@ -127,10 +127,14 @@ def test_the_cli_rejects_an_invalid_space_in_one_line_without_starting_ray(tmp_p
     assert time.monotonic() - start < 60
 
 
-def test_local_mode_trials_are_refused_before_the_sweep_starts(tmp_path):
+def test_local_mode_trials_run_lean_and_are_refused_on_the_train_path(tmp_path):
     data = fake_shards(tmp_path / "shards", side=16)
+    lean = plan_sweep(ROOT / "sweeps" / "tiny.yaml", [f"data.path={data}",
+                                                       "trainer.num_workers=0"])
+    assert all_lean(lean) and trial_resources(lean) == {"CPU": 1.0}
     with pytest.raises(ConfigError, match=r"num_workers=0 .* cannot run inside a Tune trial"):
-        plan_sweep(ROOT / "sweeps" / "tiny.yaml", [f"data.path={data}", "trainer.num_workers=0"])
+        plan_sweep(ROOT / "sweeps" / "tiny.yaml", [f"data.path={data}", "trainer.num_workers=0",
+                                                   "resources.lean=false"])
 
 
 def test_a_missing_data_path_is_named_once_not_per_point(tmp_path):
@@ -145,18 +149,30 @@ def _plan(tmp_path, *overrides: str) -> SweepPlan:
 
 
 @pytest.mark.parametrize("cluster, overrides, expected", [
-    ({"CPU": 4.0}, [], 2),  # (4 - 1 reserved for ingest) // (0.25 driver + 1 worker)
+    ({"CPU": 4.0}, [], 3),  # lean: (4 - 1 reserved) // 1 CPU (the trial trains itself)
+    ({"CPU": 4.0}, ["resources.lean=false"], 2),  # (4 - 1) // (0.25 driver + 1 worker)
     ({"CPU": 2.0}, [], 1),  # never 0
-    ({"CPU": 64.0}, ["trainer.num_workers=2"], 28),  # 63 // 2.25
+    ({"CPU": 64.0}, ["trainer.num_workers=2"], 28),  # 63 // 2.25: Train path
     ({"CPU": 64.0, "GPU": 4.0}, ["trainer.num_workers=2", "trainer.use_gpu=true"], 2),
+    ({"CPU": 64.0, "GPU": 1.0}, ["trainer.use_gpu=true"], 1),  # a whole GPU per lean trial
+    # fractional GPUs pack lean trials: 4 per GPU
+    ({"CPU": 64.0, "GPU": 2.0}, ["trainer.use_gpu=true", "resources.gpus_per_trial=0.25"], 8),
     ({"CPU": 4.0}, ["resources.max_concurrent=3"], 3),
 ])
 def test_max_concurrent_trials_follows_the_cluster(tmp_path, cluster, overrides, expected):
-    assert max_concurrent_trials(_plan(tmp_path, *overrides), cluster) == expected
+    plan = _plan(tmp_path, "resources.max_concurrent=null", *overrides)
+    assert max_concurrent_trials(plan, cluster) == expected
+
+
+def test_a_lean_trial_holds_its_own_cpu_and_its_gpu_fraction(tmp_path):
+    plan = _plan(tmp_path, "trainer.use_gpu=true", "resources.gpus_per_trial=0.25")
+    assert trial_resources(plan) == {"CPU": 1.0, "GPU": 0.25}
+    assert trial_resources(_plan(tmp_path)) == {"CPU": 1.0}
+    assert trial_resources(_plan(tmp_path, "trainer.num_workers=2")) == {"CPU": 0.25}
 
 
 def test_a_concurrency_that_starves_ray_data_ingest_is_warned_about(tmp_path):
-    plan = _plan(tmp_path, "resources.max_concurrent=3")
+    plan = _plan(tmp_path, "resources.max_concurrent=3", "resources.lean=false")
     warning = ingest_warning(plan, {"CPU": 4.0}, max_concurrent_trials(plan, {"CPU": 4.0}))
     assert warning is not None and "3.75 of the cluster's 4 CPUs" in warning
     assert "leaving 0.25" in warning
@@ -164,7 +180,7 @@ def test_a_concurrency_that_starves_ray_data_ingest_is_warned_about(tmp_path):
     assert ingest_warning(plan, {"CPU": 8.0}, 3) is None
     assert "leave it unset" in warning
     # A 2-CPU cluster with the derived default (1 trial) leaves 0.75: warned, with other advice.
-    small = _plan(tmp_path)
+    small = _plan(tmp_path, "resources.max_concurrent=null", "resources.lean=false")
     warning = ingest_warning(small, {"CPU": 2.0}, max_concurrent_trials(small, {"CPU": 2.0}))
     assert warning is not None and "leaving 0.75" in warning and "more CPUs" in warning
 
@@ -221,3 +237,36 @@ def test_the_rayjob_entrypoint_resumes_its_sweep():
     job = yaml.safe_load((ROOT / "infra" / "kuberay-rayjob.yaml").read_text())
     entry = job["spec"]["entrypoint"].split()
     assert entry[:2] == ["hip", "sweep"] and "--resume" in entry
+
+
+def test_schedulers_are_built_from_the_sweep_and_checked_before_ray(tmp_path):
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from sweeps.schedulers import _Clip, make_scheduler, scheduler_params
+    from sweeps.sync_halving import SyncHalving
+
+    hb = _plan(tmp_path, "scheduler.type=hyperband", "scheduler.brackets=2")
+    sync = make_scheduler(hb)
+    assert isinstance(sync, SyncHalving)
+    assert sync.rungs == [[2, 4], [4]]  # grace 2 x rf 2^(b + k), below 6 steps
+    assert sync.size == [2, 2]  # 4 grid points dealt round-robin
+    assert scheduler_params(hb)["scheduler.max_t"] == 6
+    with pytest.raises(ConfigError, match="hyperband needs searcher.type random"):
+        _plan(tmp_path, "scheduler.type=hyperband", "searcher.type=optuna",
+              "space={optim.lr: {choice: [0.001, 0.01]}}")
+    pbt = _plan(tmp_path, "scheduler.type=pbt", "scheduler.perturbation_interval=2")
+    assert isinstance(make_scheduler(pbt), PopulationBasedTraining)
+    assert scheduler_params(pbt)["scheduler.mutate"] == "optim.lr"
+    with pytest.raises(ConfigError, match="checkpoint_every .* = trainer.eval_every"):
+        _plan(tmp_path, "scheduler.type=pbt", "trainer.checkpoint_every=6")
+    with pytest.raises(ConfigError, match="lean trials give"):
+        _plan(tmp_path, "scheduler.type=hyperband", "trainer.num_workers=2")
+    with pytest.raises(ConfigError, match="pbt cannot perturb .*model.overrides.width_mult"):
+        _plan(tmp_path, "scheduler.type=pbt", "space={model.overrides.width_mult: "
+              "{choice: [0.5, 1.0]}, optim.lr: {grid: [0.001]}}",
+              "scheduler.mutate=[model.overrides.width_mult]")
+    # PBT's x1.2 would push a mask ratio out of its range: the explore step clips it.
+    clip = _Clip({"mae.mask_ratio": Dim(uniform=(0.5, 0.9)), "x": Dim(randint=(1, 4))})
+    assert clip({"mae.mask_ratio": 1.08, "x": 7, "y": 5}) == \
+        {"mae.mask_ratio": 0.9, "x": 3, "y": 5}
+    assert clip({"mae.mask_ratio": 0.6, "x": 2}) == {"mae.mask_ratio": 0.6, "x": 2}
