@@ -16,8 +16,9 @@ Rows of the table (each a real `run_preprocess` on a local Ray, workers warm):
   long audio               --audio 3-s clips + one --long-minutes 8-channel 48 kHz FLAC:
                            the job keeps 2.56 s of each (issue 17: no worker > ~1 GB)
 Columns: inputs, accepted, rejects by reason, wall seconds, rows/s (the image rows: the
-faster of two runs), and the largest RSS of any single process of the job (driver, Ray
-workers, decode children), sampled every 0.1 s.
+faster of two runs), the largest RSS of any single process of the job (driver, Ray
+workers, fork servers, decode children), sampled every 0.1 s, and CPU ms per row (every
+process of the job, reaped decode children included: what the rate would be on free cores).
 """
 
 from __future__ import annotations
@@ -137,24 +138,38 @@ def audio_corpus(root: Path, n: int, long_minutes: float) -> None:
             f.write(0.1 * rng.standard_normal((rate, channels)).astype(np.float32))
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds of `root` and its live descendants, with those of the children they have
+    reaped (cutime, cstime): a decode child that crashed and was reaped still counts."""
+    total = 0
+    for pid in _tree(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run(name: str, src: Path, out: Path, modality: str, overrides: list[str]) -> list[str]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(PreprocessConfig, None, overrides,
                       {"modality": modality, "input": str(src), "output": str(out)})
     with MaxProcessRss() as rss:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), tree_cpu_s(os.getpid())
         m = run_preprocess(cfg, echo=lambda *_: None)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, tree_cpu_s(os.getpid()) - cpu
     lost = m["inputs"] - m["accepted"] - sum(m["rejects_by_reason"].values())
     assert lost == 0, f"{name}: accepted + rejected != inputs ({lost} lost)"
     rejects = ", ".join(f"{k} {v}" for k, v in sorted(m["rejects_by_reason"].items())) or "-"
     return [name, "on" if cfg.read.isolate else "off", str(m["inputs"]), str(m["accepted"]),
             rejects, f"{wall:.1f}", f"{m['inputs'] / wall:.1f}",
-            f"{rss.peak:.0f} ({rss.name})"]
+            f"{rss.peak:.0f} ({rss.name})", f"{1000 * cpu / m['inputs']:.2f}"]
 
 
 HEAD = ["corpus", "isolate", "inputs", "accepted", "rejects by reason", "wall s", "rows/s",
-        "max process RSS MB"]
+        "max process RSS MB", "CPU ms/row"]
 
 
 def best(runs: int, *a) -> list[str]:
@@ -199,9 +214,11 @@ def print_rows(rows: list[list[str]]) -> None:
 
 def print_ratio(clean: list[str], bad: list[str]) -> None:
     ratio = float(bad[6]) / float(clean[6])
+    cpu = float(clean[8]) / float(bad[8])  # the rate ratio if the cores were the job's alone
     print(f"\n1% bad vs clean (isolate on): {ratio:.0%} of the clean rate "
-          f"(target >= 90%: {'met' if ratio >= 0.9 else 'missed'}); accepted + rejected = "
-          "inputs holds for every row (checked, and the manifest is only written when it does)")
+          f"(target >= 90%: {'met' if ratio >= 0.9 else 'missed'}); by CPU per row: {cpu:.0%}; "
+          "accepted + rejected = inputs holds for every row (checked, and the manifest is only "
+          "written when it does)")
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ under other names, so decoding work is identical). Target: 10x input < 1.5x memo
 --hostile (issue 17) runs only the hostile-corpus rows instead: --images good PNGs vs the
 same + 1% bad files (benchmarks.hostile_corpus: truncated, text, FIFO, /dev/zero, dangling,
 oversized and decoder-crashing files), isolation on, each the fastest of --repeat
-alternating runs; rows/s over the whole job and the largest RSS of any one process. Target:
+alternating runs; rows/s over the whole job, the largest RSS of any one process and CPU ms
+per row (all processes of the job: less disturbed by other load than rows/s). Target:
 the 1%-bad rate >= 90% of the clean rate, accepted + rejected = inputs.
 """
 
