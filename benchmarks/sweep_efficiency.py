@@ -58,7 +58,7 @@ def sweep_file(workdir: Path, name: str, scheduler: str, args: argparse.Namespac
         "name": f"bench-{name}", "base": str(ROOT / "configs" / "quickstart-pretrain.yaml"),
         "kind": "pretrain",
         "overrides": {"trainer.num_workers": 1, "trainer.steps": steps,
-                      "trainer.eval_every": args.grace,
+                      "trainer.eval_every": min(args.grace, steps),
                       # HyperBand pauses trials at rungs: they resume from that report's
                       # checkpoint. The others checkpoint only at the end.
                       "trainer.checkpoint_every": args.grace if scheduler == "hyperband"
@@ -76,11 +76,12 @@ def sweep_file(workdir: Path, name: str, scheduler: str, args: argparse.Namespac
 
 
 def cpu_busy_s() -> float:
-    """The machine's busy CPU time so far (all processes, /proc/stat), in seconds."""
+    """The machine's busy CPU time so far (/proc/stat: user, system, irq, softirq; not
+    `nice`, so niced background jobs do not count), in seconds."""
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        user, _nice, system, _idle, _iowait, irq, softirq = \
+            (int(x) for x in f.readline().split()[1:8])
+    return (user + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def run(workdir: Path, shards: Path, name: str, scheduler: str, args: argparse.Namespace,
