@@ -1,23 +1,18 @@
 """Learning quality of the quickstart training configs: floors, HiP, MAE, label scarcity.
 
-    python -m benchmarks.learning [--data DIR | --digits] [--modality image|audio]
-        [--size S] [--seeds N] [--quick] [--arms a,b,c,d,e,f] [--pretrain-steps N]
-        [--finetune-steps N] [--pretrain-config YAML] [--finetune-config YAML]
-        [--pre K=V] [--ft K=V] [--cache-mae] [--probe mean,flat,enc,...] [--llrd F]
-        [--llrd-all] [--json PATH] [key=value ...]
+    python -m benchmarks.learning [--data DIR | --digits] [--arms a,b,c,d,e,f] [--seeds N]
+        [options, see --help] [key=value ...]
 
-The runs themselves (data, the training loop, the linear models) are in
-benchmarks/learning_runs.py; this module is the command, the arms and the table.
+The runs (data, training loop, linear models) are in benchmarks/learning_runs.py.
 
 A class-folder set (ImageFolder layout; default: the embedded sample data, written once under
 --workdir; --digits: scikit-learn's bundled digits, 1,797 8x8 greyscale scans, written once
 as greyscale PNG class folders upscaled bilinearly to --size, default 16) goes once through
 the real `run_preprocess` (Ray Data; reused when its manifest exists), then the train and val
-shards are read into memory with pyarrow. Training runs the pipeline's own pieces
-(build_model from a TrainConfig, make_optimizer, lr_factor, to_model_input,
-load_mae_weights) in a plain in-process CPU loop: one fixed seed per run,
-batches from a seeded per-epoch permutation, global batch = optim.batch_size x
-max(1, trainer.num_workers) x optim.grad_accum (what the quickstart's workers see together).
+shards are read into memory with pyarrow. Training runs the pipeline's own pieces (build_model
+from a TrainConfig, make_optimizer, lr_factor, to_model_input, load_mae_weights) in a plain
+in-process CPU loop: one fixed seed per run, batches from a seeded per-epoch permutation,
+global batch = optim.batch_size x max(1, trainer.num_workers) x optim.grad_accum.
 
 Arms (val accuracy on the full val split, mean +- std over seeds):
   a  logistic regression on the raw inputs (standardised); audio: log-spectrogram features
@@ -26,10 +21,8 @@ Arms (val accuracy on the full val split, mean +- std over seeds):
   c  HiP fine-tuned from its MAE run (pretrain config on the train split, no labels)
   d  label-scarce: k = 5 and 20 labels per class (seeded subset of train), MAE init (c's MAE
      model) vs scratch, and logistic regression on the same k raw inputs for scale
-  e  linear probe (logistic regression) on frozen features of the classifier backbone
-     (--probe, default mean: mean of the last level's latents (B, K, D) -> (B, D); flat, enc,
-     cat, pre, preflat: see learning_runs.PROBES); MAE encoder vs a randomly initialised one.
-     The first --probe kind is the one the target reads.
+  e  linear probe (logistic regression) on frozen backbone features (--probe: learning_runs.
+     PROBES; the first kind is the target's), MAE encoder vs a randomly initialised one
   f  the Perceiver with Fourier features from scratch (--perceiver-preset), fine-tune config
 b and c evaluate every ~10% of the steps; "swing" is the largest drop of val accuracy between
 consecutive evaluations after warm-up. Overrides: key=value for both configs, --pre / --ft for
@@ -49,23 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchmarks.learning_runs as lrun
 from benchmarks.common import machine
-from benchmarks.learning_runs import (
-    DIGITS_RESAMPLE,
-    PROBES,
-    RunResult,
-    Split,
-    digits_folder,
-    frozen_features,
-    global_batch,
-    k_shot,
-    logreg_accuracy,
-    preprocess,
-    raw_features,
-    read_split,
-    sample_folder,
-    train,
-)
+from benchmarks.learning_runs import DIGITS_RESAMPLE, PROBES, RunResult, Split
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = "abcdef"
@@ -116,14 +95,14 @@ def pretrain(cfg, manifest, tr: Split, va: Split, seed: int, args: argparse.Name
     from pipeline.config import config_hash
 
     if not args.cache_mae:
-        return train(cfg, manifest, tr, va, seed=seed), None
+        return lrun.train(cfg, manifest, tr, va, seed=seed), None
     key = hashlib.sha1(json.dumps([config_hash(cfg), seed, str(shards_dir.resolve()),
                                    manifest.get("files")], sort_keys=True).encode())
     path = args.workdir / "mae-cache" / f"{key.hexdigest()[:16]}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=True)
         return RunResult(**saved), path
-    res = train(cfg, manifest, tr, va, seed=seed)
+    res = lrun.train(cfg, manifest, tr, va, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({k: getattr(res, k) for k in ("train_loss", "val_loss", "wall_s", "state",
@@ -136,17 +115,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, help="class folders (ImageFolder layout); default: "
                    "the embedded sample data")
-    p.add_argument("--digits", action="store_true",
-                   help="scikit-learn's bundled digits (1,797 8x8 greyscale scans, 10 classes) "
-                   f"as class folders of PNGs upscaled ({DIGITS_RESAMPLE}) to --size "
-                   "(default 16), written once under --workdir")
+    p.add_argument("--digits", action="store_true", help="sklearn's bundled digits (1,797 "
+                   f"8x8 greyscale scans, 10 classes) as PNG class folders, {DIGITS_RESAMPLE} "
+                   "to --size (default 16), written once under --workdir")
     p.add_argument("--modality", choices=("image", "audio"), default="image")
     p.add_argument("--size", type=int, help="image.size (default 32; --quick and --digits 16)")
-    p.add_argument("--sample-rate", type=int, help="audio.sample_rate (default 16000; "
-                   "--quick 8000)")
+    p.add_argument("--sample-rate", type=int, help="audio.sample_rate (16000; --quick 8000)")
     p.add_argument("--seconds", type=float, help="audio.seconds (default 1.0; --quick 0.5)")
-    p.add_argument("--per-class", type=int, help="sample files per class (default 100; "
-                   "--quick 20)")
+    p.add_argument("--per-class", type=int, help="sample files per class (100; --quick 20)")
     p.add_argument("--preprocess-set", action="append", default=[], metavar="K=V",
                    help="extra preprocess override, e.g. split.val_fraction=0.2")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 3; --quick 1)")
@@ -237,14 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     pre_cfg, ft_cfg, pc_cfg = load_configs(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.digits:
-        data = digits_folder(args.workdir, args.size)
+        data = lrun.digits_folder(args.workdir, args.size)
     else:
-        data = args.data or sample_folder(args.workdir, args.modality, args.per_class)
+        data = args.data or lrun.sample_folder(args.workdir, args.modality, args.per_class)
     pp = ([f"image.size={args.size}"] if args.modality == "image" else
           [f"audio.sample_rate={args.sample_rate}", f"audio.seconds={args.seconds}"])
     out = args.workdir / "shards" / shards_tag(args, data)
-    manifest = preprocess(data, out, args.modality, [*pp, *args.preprocess_set], log)
-    tr, va = read_split(out, manifest, "train"), read_split(out, manifest, "val")
+    manifest = lrun.preprocess(data, out, args.modality, [*pp, *args.preprocess_set], log)
+    tr, va = lrun.read_split(out, manifest, "train"), lrun.read_split(out, manifest, "val")
     classes = manifest.get("classes") or []
     log(f"data: {len(tr)} train / {len(va)} val rows, {len(classes)} classes, "
         f"columns { {k: tuple(v.shape[1:]) for k, v in tr.tensors.items()} }")
@@ -258,26 +234,23 @@ def main(argv: list[str] | None = None) -> int:
         row = R.setdefault(key, {"acc": [], "swing": [], "wall": [], "train_loss": [],
                                  "val_loss": []})
         if res is not None:
-            row["acc"].append(res.accuracy)
-            row["swing"].append(res.swing)
-            row["wall"].append(res.wall_s)
-            row["train_loss"].append(res.train_loss)
-            row["val_loss"].append(res.val_loss)
+            for k, attr in (("acc", "accuracy"), ("swing", "swing"), ("wall", "wall_s"),
+                            ("train_loss", "train_loss"), ("val_loss", "val_loss")):
+                row[k].append(getattr(res, attr))
             if res.history:
                 row.setdefault("history", []).append(res.history)
         for k, v in kw.items():
             row.setdefault(k, []).append(v)
 
     # (a) the floor: deterministic, so once
-    ytr, yva = tr.labels.numpy(), va.labels.numpy()
     if "a" in args.arms:
         kinds = ["raw"] if args.modality == "image" else ["logspec", "raw"]
         for kind in kinds:
             t0 = time.perf_counter()
-            acc = logreg_accuracy(raw_features(tr, kind), ytr, raw_features(va, kind), yva)
+            acc = lrun.raw_accuracy(tr, va, kind)
             add(f"a:{kind}", acc=acc, wall=time.perf_counter() - t0)
             log(f"a ({kind}): logistic regression val acc {acc:.3f}")
-    ks = [(k, k_shot(tr, k, 0)) for k in args.k]  # sizes only; each seed draws its own
+    ks = [(k, lrun.k_shot(tr, k, 0)) for k in args.k]  # sizes only; each seed draws its own
     for seed in seeds:
         mae_state = None
         if set(args.arms) & set("cde"):
@@ -287,28 +260,22 @@ def main(argv: list[str] | None = None) -> int:
             log(f"seed {seed} MAE: {pre_cfg.trainer.steps} steps, train loss "
                 f"{res.train_loss:.4f}, val loss {res.val_loss:.4f} ({res.wall_s:.0f} s)"
                 + (f"; cached {cached}" if cached else ""))
-        if "b" in args.arms:
-            res = train(ft_cfg, manifest, tr, va, seed=seed, evals=args.evals,
-                        llrd=args.llrd if args.llrd_all else None)
-            add("b", res)
-            log(f"seed {seed} b scratch: acc {res.accuracy:.3f}, swing {res.swing:.3f} "
-                f"({res.wall_s:.0f} s); evals {[round(a, 3) for _, a in res.history]}")
-        if "c" in args.arms:
-            res = train(ft_cfg, manifest, tr, va, seed=seed, init=mae_state, evals=args.evals,
-                        llrd=args.llrd)
-            add("c", res)
-            log(f"seed {seed} c from MAE: acc {res.accuracy:.3f}, swing {res.swing:.3f} "
-                f"({res.wall_s:.0f} s); evals {[round(a, 3) for _, a in res.history]}")
+        for arm, init, what in (("b", None, "scratch"), ("c", mae_state, "from MAE")):
+            if arm in args.arms:
+                res = lrun.train(ft_cfg, manifest, tr, va, seed=seed, init=init, evals=args.evals,
+                                 llrd=args.llrd if (init is not None or args.llrd_all) else None)
+                add(arm, res)
+                log(f"seed {seed} {arm} {what}: acc {res.accuracy:.3f}, swing {res.swing:.3f} "
+                    f"({res.wall_s:.0f} s); evals {[round(a, 3) for _, a in res.history]}")
         if "d" in args.arms:
             for k in args.k:
-                sub = k_shot(tr, k, seed)
-                acc = logreg_accuracy(raw_features(sub, "raw"), sub.labels.numpy(),
-                                      raw_features(va, "raw"), yva, seed)
+                sub = lrun.k_shot(tr, k, seed)
+                acc = lrun.raw_accuracy(sub, va, "raw", seed)
                 add(f"d:{k}:logreg", acc=acc, wall=0.0)
                 log(f"seed {seed} d k={k} logreg raw: acc {acc:.3f}")
                 for name, init in (("mae", mae_state), ("scratch", None)):
                     llrd = args.llrd if (init is not None or args.llrd_all) else None
-                    res = train(ft_cfg, manifest, sub, va, seed=seed, init=init, llrd=llrd)
+                    res = lrun.train(ft_cfg, manifest, sub, va, seed=seed, init=init, llrd=llrd)
                     add(f"d:{k}:{name}", res)
                     log(f"seed {seed} d k={k} {name}: acc {res.accuracy:.3f} "
                         f"({res.wall_s:.0f} s)")
@@ -316,16 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.probe:
                 for name, init in (("mae", mae_state), ("random", None)):
                     t0 = time.perf_counter()
-                    acc = logreg_accuracy(
-                        frozen_features(ft_cfg, manifest, tr, seed=seed, init=init, kind=kind),
-                        ytr,
-                        frozen_features(ft_cfg, manifest, va, seed=seed, init=init, kind=kind),
-                        yva, seed)
+                    acc = lrun.probe_accuracy(ft_cfg, manifest, tr, va, seed=seed, init=init,
+                                              kind=kind)
                     key = f"e:{name}" if kind == args.probe[0] else f"e:{name}:{kind}"
                     add(key, acc=acc, wall=time.perf_counter() - t0)
                     log(f"seed {seed} e probe ({kind}) {name}: acc {acc:.3f}")
         if "f" in args.arms:
-            res = train(pc_cfg, manifest, tr, va, seed=seed)
+            res = lrun.train(pc_cfg, manifest, tr, va, seed=seed)
             add("f", res)
             log(f"seed {seed} f {args.perceiver_preset}: acc {res.accuracy:.3f} "
                 f"({res.wall_s:.0f} s)")
@@ -339,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretrain: {args.pretrain_config.name} {' '.join(args.overrides + args.pre)}; "
           f"{pre_cfg.model.preset}, mae.masking={pre_cfg.mae.masking}, mask_ratio "
           f"{pre_cfg.mae.mask_ratio}, target_norm={pre_cfg.mae.target_norm}, lr "
-          f"{pre_cfg.optim.lr:g}, {pre_cfg.trainer.steps} steps x batch {global_batch(pre_cfg)}")
+          f"{pre_cfg.optim.lr:g}, {pre_cfg.trainer.steps} steps x batch "
+          f"{lrun.global_batch(pre_cfg)}")
     print(f"finetune: {args.finetune_config.name} {' '.join(args.overrides + args.ft)}; "
           f"{ft_cfg.model.preset}, head {ft_cfg.model.head}, lr {ft_cfg.optim.lr:g}, warmup "
           f"{ft_cfg.optim.warmup_steps}, {ft_cfg.trainer.steps} steps x batch "
-          f"{global_batch(ft_cfg)}, label smoothing {ft_cfg.optim.label_smoothing}"
+          f"{lrun.global_batch(ft_cfg)}, label smoothing {ft_cfg.optim.label_smoothing}"
           + (f", layer-wise lr decay {args.llrd:g}"
              + (" (all fine-tunes)" if args.llrd_all else " (from MAE)") if args.llrd else ""))
     print(f"seeds {seeds}; in-process CPU loop; total wall {total:.0f} s\n")

@@ -301,6 +301,17 @@ def logreg_accuracy(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.n
     return float((clf.predict(xva) == yva).mean())
 
 
+def raw_accuracy(tr: Split, va: Split, kind: str = "raw", seed: int = 0) -> float:
+    return logreg_accuracy(raw_features(tr, kind), tr.labels.numpy(), raw_features(va, kind),
+                           va.labels.numpy(), seed)
+
+
+def probe_accuracy(cfg, manifest, tr: Split, va: Split, *, seed: int, init, kind: str) -> float:
+    def feats(s: Split) -> np.ndarray:
+        return frozen_features(cfg, manifest, s, seed=seed, init=init, kind=kind)
+    return logreg_accuracy(feats(tr), tr.labels.numpy(), feats(va), va.labels.numpy(), seed)
+
+
 def raw_features(split: Split, kind: str) -> np.ndarray:
     """Raw inputs as a (N, F) float matrix: pixels / samples, or log-spectrogram features."""
     import torch
@@ -320,14 +331,12 @@ def raw_features(split: Split, kind: str) -> np.ndarray:
     return pooled.reshape(len(split), -1).numpy()
 
 
-PROBES = {
+PROBES = {  # arm e's frozen features of the classifier backbone (encoder + processor)
     "mean": "mean over the last level's latents (B, K, D) -> D (the original probe)",
     "flat": "the last level's latents concatenated (B, K*D)",
     "enc": "level 0's latents, mean over each group's K, groups concatenated (B, G*D0)",
-    "cat": "mean + enc concatenated",
-    "pre": "the last level's latents before its last self-attention layer, mean (B, D)",
-    "preflat": "the same, concatenated (B, K*D)",
-}
+    "cat": "mean + enc concatenated", "pre": "the last level's latents before its last "
+    "self-attention layer, mean (B, D)", "preflat": "the same, concatenated (B, K*D)"}
 
 
 def frozen_features(cfg, manifest, split: Split, *, seed: int,
