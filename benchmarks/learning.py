@@ -113,8 +113,7 @@ def pretrain(cfg, manifest, tr: Split, va: Split, seed: int, args: argparse.Name
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, help="class folders (ImageFolder layout); default: "
-                   "the embedded sample data")
+    p.add_argument("--data", type=Path, help="class folders (default: the sample data)")
     p.add_argument("--digits", action="store_true", help="sklearn's bundled digits (1,797 "
                    f"8x8 greyscale scans, 10 classes) as PNG class folders, {DIGITS_RESAMPLE} "
                    "to --size (default 16), written once under --workdir")
@@ -125,7 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, help="sample files per class (100; --quick 20)")
     p.add_argument("--preprocess-set", action="append", default=[], metavar="K=V",
                    help="extra preprocess override, e.g. split.val_fraction=0.2")
-    p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 3; --quick 1)")
+    p.add_argument("--seeds", help="N: seeds 0..N-1 (default 3; --quick 1); or a list, '1,2'")
     p.add_argument("--arms", default=ARMS, help="subset of the arms, e.g. a,b,c")
     p.add_argument("--k", default="5,20", help="labels per class in arm d")
     p.add_argument("--pretrain-config", type=Path,
@@ -150,8 +149,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--llrd", type=float, help="layer-wise lr decay for the fine-tunes from "
                    "MAE (c, d): head x1, processor x F, level 0 x F^2, embeddings x F^3 "
                    "(benchmark-only; scratch runs keep the config's optimizer)")
-    p.add_argument("--llrd-all", action="store_true",
-                   help="apply --llrd to the scratch fine-tunes (b, d) too")
+    p.add_argument("--llrd-all", action="store_true", help="--llrd for scratch (b, d) too")
     p.add_argument("--evals", type=int, default=10, help="evaluations in b and c (swing)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="torch.set_num_threads")
@@ -177,6 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.arms = "".join(sorted(set(args.arms.replace(",", "").lower())))
     if not args.arms or set(args.arms) - set(ARMS):
         p.error(f"--arms must be letters of {ARMS}, got {args.arms!r}")
+    s = str(args.seeds)
+    args.seeds = list(range(int(s))) if s.isdigit() else [int(x) for x in s.split(",") if x]
     args.k = [int(k) for k in str(args.k).split(",") if k.strip()]
     args.probe = [k.strip() for k in args.probe.split(",") if k.strip()]
     if not args.probe or set(args.probe) - set(PROBES):
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(va) == 0:
         raise SystemExit("the val split is empty: add data or raise split.val_fraction")
 
-    seeds = list(range(args.seeds))
+    seeds = args.seeds
     R: dict[str, dict[str, Any]] = {}  # row key -> {"acc": [...], "swing": [...], ...}
 
     def add(key: str, res: RunResult | None = None, **kw: Any) -> None:
