@@ -27,6 +27,8 @@ Arms (val accuracy on the full val split, mean +- std over seeds):
 b and c evaluate every ~10% of the steps; "swing" is the largest drop of val accuracy between
 consecutive evaluations after warm-up. Overrides: key=value for both configs, --pre / --ft for
 one of them (e.g. mae.masking=groupwise, mae.target_norm=group, optim.lr=1e-3).
+The digits recipe, where MAE pays (docs/benchmarks.md, "Digits"): --digits --pretrain-steps
+1000 --pre optim.lr=1e-3 --pre mae.mask_ratio=0.5, and --llrd 0.75 for the fine-tunes.
 """
 
 from __future__ import annotations
@@ -137,15 +139,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override for the pretrain config only")
     p.add_argument("--ft", action="append", default=[], metavar="K=V",
                    help="override for the fine-tune configs only (b, c, d, e, f)")
-    p.add_argument("--perceiver-preset", default="perceiver_tiny",
-                   help="arm f's model (perceiver_tiny or perceiver_io_tiny)")
+    p.add_argument("--perceiver-preset", default="perceiver_tiny", help="arm f's model")
     p.add_argument("--cache-mae", action="store_true",
                    help="keep each seed's MAE weights under <workdir>/mae-cache and reuse "
                    "them when the pretrain config, seed and shards match (for fine-tune "
                    "sweeps; the MAE wall time shown is then the original run's)")
-    p.add_argument("--probe", default="mean",
-                   help="arm e's frozen features, comma-separated kinds of "
-                   f"{','.join(PROBES)} (the first is the target's)")
+    p.add_argument("--probe", default="mean", help="arm e's frozen features, comma-separated "
+                   f"kinds of {','.join(PROBES)} (the first is the target's)")
     p.add_argument("--llrd", type=float, help="layer-wise lr decay for the fine-tunes from "
                    "MAE (c, d): head x1, processor x F, level 0 x F^2, embeddings x F^3 "
                    "(benchmark-only; scratch runs keep the config's optimizer)")
