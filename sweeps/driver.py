@@ -31,7 +31,7 @@ from sweeps import tags as T
 from sweeps.config import SweepConfig
 from sweeps.outcomes import TrialOutcome, close_trials, pick_best, record_summary
 from sweeps.plan import SweepPlan
-from sweeps.schedulers import make_scheduler, scheduler_params
+from sweeps.schedulers import make_scheduler, scheduler_params, warmup_warning
 from sweeps.space import format_point, grid_size, to_tune
 from sweeps.sync_halving import PauseAwareGenerator, Slots
 from sweeps.trial import TrialSetup, train_trial
@@ -273,8 +273,9 @@ def _run_locked(plan: SweepPlan, resume: bool, log) -> SweepResult:
     init_ray()
     cluster = ray.cluster_resources()
     max_concurrent = max_concurrent_trials(plan, cluster)
-    if (warning := ingest_warning(plan, cluster, max_concurrent)) is not None:
-        log(warning)
+    for warning in (ingest_warning(plan, cluster, max_concurrent), warmup_warning(plan)):
+        if warning is not None:
+            log(warning)
     if state:
         parent = state["parent_run_id"]
         tracking.client(plan.uri).update_run(parent, status="RUNNING")

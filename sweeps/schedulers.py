@@ -79,6 +79,19 @@ class _Clip:
         return config
 
 
+def warmup_warning(plan: SweepPlan) -> str | None:
+    """A warning when the first rung comes before the learning-rate warmup ends: trials are
+    then ranked while their rates are still ramping (measured: at 50 of 100 warmup steps the
+    highest learning rates of a sweep rank among the worst and end best; docs/benchmarks.md,
+    "Sweeps")."""
+    s, o = plan.sweep.scheduler, plan.scored_config().optim
+    if s.type not in ("asha", "hyperband") or s.grace_period >= o.warmup_steps:
+        return None
+    return (f"[hip] warning: scheduler.grace_period ({s.grace_period}) is below "
+            f"optim.warmup_steps ({o.warmup_steps}): the first rung ranks learning rates "
+            "still warming up; a grace period of at least the warmup ranks them settled")
+
+
 def scheduler_params(plan: SweepPlan) -> dict[str, Any]:
     """What the sweep's MLflow parent run records about its scheduler."""
     s, t = plan.sweep.scheduler, plan.scored_config().trainer
@@ -100,4 +113,4 @@ def scheduler_params(plan: SweepPlan) -> dict[str, Any]:
     return {}
 
 
-__all__ = ["make_scheduler", "scheduler_params"]
+__all__ = ["make_scheduler", "scheduler_params", "total_trials", "warmup_warning"]

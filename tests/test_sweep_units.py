@@ -242,7 +242,7 @@ def test_the_rayjob_entrypoint_resumes_its_sweep():
 def test_schedulers_are_built_from_the_sweep_and_checked_before_ray(tmp_path):
     from ray.tune.schedulers import PopulationBasedTraining
 
-    from sweeps.schedulers import _Clip, make_scheduler, scheduler_params
+    from sweeps.schedulers import _Clip, make_scheduler, scheduler_params, warmup_warning
     from sweeps.sync_halving import SyncHalving
 
     hb = _plan(tmp_path, "scheduler.type=hyperband", "scheduler.brackets=2")
@@ -265,6 +265,9 @@ def test_schedulers_are_built_from_the_sweep_and_checked_before_ray(tmp_path):
         _plan(tmp_path, "scheduler.type=pbt", "space={model.overrides.width_mult: "
               "{choice: [0.5, 1.0]}, optim.lr: {grid: [0.001]}}",
               "scheduler.mutate=[model.overrides.width_mult]")
+    # A first rung inside the warmup is warned about (tiny: warmup 0, then 4 steps).
+    assert warmup_warning(_plan(tmp_path)) is None
+    assert "still warming up" in warmup_warning(_plan(tmp_path, "optim.warmup_steps=4"))
     # PBT's x1.2 would push a mask ratio out of its range: the explore step clips it.
     clip = _Clip({"mae.mask_ratio": Dim(uniform=(0.5, 0.9)), "x": Dim(randint=(1, 4))})
     assert clip({"mae.mask_ratio": 1.08, "x": 7, "y": 5}) == \
