@@ -128,7 +128,8 @@ class Server:
             self.sock.send(pickle.dumps(("kill" if kill else "wait", pid)))
             msg = self.sock.recv(4096)
             return pickle.loads(msg)[1] if msg else None
-        except OSError:  # the server is gone; its orphans are not ours to wait for
+        except OSError:  # the server is gone (or too slow: a late answer would be read as
+            self.sock.close()  # the next one's, so it goes); its orphans are not ours to wait for
             if kill:
                 _signal(pid)
             return None
