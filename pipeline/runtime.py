@@ -22,6 +22,7 @@ MIN_LOCAL_CPUS = 4
 # Object store cap for local starts; Ray's default (30% of RAM) is more than small jobs
 # need and makes memory measurements noisy.
 MAX_LOCAL_OBJECT_STORE = 2 * 1024**3
+TEST_ENV_PREFIX = "HIP_TEST_"
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def init_ray(
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=_test_env())
         return _info(started_here=False)
     # Local clusters default to token auth in Ray 2.60; a single-user local run has no
     # one to authenticate against. An explicit RAY_AUTH_MODE from the user still wins.
@@ -69,6 +70,14 @@ def init_ray(
     # up again; with several local clusters on a machine they must be told which one.
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     return _info(started_here=True)
+
+
+def _test_env() -> dict | None:
+    """The test-only hooks (HIP_TEST_* variables: pipeline/train/faults.py,
+    pipeline/data/isolate.py) of this process, for every worker of the job on a running
+    cluster (whose processes do not inherit this process's environment)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
+    return {"env_vars": env} if env else None
 
 
 def _default_object_store() -> int:

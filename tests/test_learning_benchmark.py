@@ -26,7 +26,7 @@ def test_learning_benchmark_prints_every_arm(ray_session, tmp_path, capsys):
     text = capsys.readouterr().out
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert {line.split("|")[1].strip() for line in table[1:]} == set("abcdef"), text
-    assert "linear probe, random encoder" in text and "1/class" in text
+    assert "linear probe (mean), random encoder" in text and "1/class" in text
     assert "targets:" in text and "MAE pretrain (2 steps)" in text
     saved = json.loads(out.read_text())
     assert {"a:raw", "b", "c", "d:1:mae", "d:1:scratch", "e:mae", "e:random", "f",

@@ -224,8 +224,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
             f"data.path={image_shards}", f"tracking.uri={uri}", f"storage.path={tmp_path}/ck"]
     # The driver joins the session's Ray, so killing it is what a crashed driver looks like
     # to the cluster (its job's actors die), without starting a second Ray on 2 cores.
+    # Lean trials take seconds: 0.3 s per step (a test hook the driver hands its job's
+    # workers) keeps the others running when the first one has finished.
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "RAY_DATA_USE_DATASOURCE_V2": "0", "PYTHONUNBUFFERED": "1"}
+           "RAY_DATA_USE_DATASOURCE_V2": "0", "PYTHONUNBUFFERED": "1",
+           "HIP_TEST_STEP_DELAY_S": "0.3"}
     tune_dir = tmp_path / "ck" / "resume" / "tune"
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
