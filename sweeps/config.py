@@ -307,6 +307,12 @@ def trial_config(base: TrainConfig, values: dict[str, Any], *, sweep: SweepConfi
     return validate(TrainConfig, data, f"point {values}")
 
 
+def runs_lean(sweep: SweepConfig, cfg: TrainConfig) -> bool:
+    """Does a stage with this job config run in the trial's own process (sweeps/trial.py):
+    resources.lean, one worker, not elastic?"""
+    return sweep.resources.lean and cfg.trainer.max_workers <= 1 and not cfg.trainer.elastic
+
+
 def check_against_base(sweep: SweepConfig, base: TrainConfig) -> None:
     """Checks that need the job config: every Tune report must carry the metric, and ASHA's
     rungs must fit in the run. Raises ConfigError."""
@@ -319,8 +325,7 @@ def check_against_base(sweep: SweepConfig, base: TrainConfig) -> None:
                           "mode) cannot run inside a Tune trial; use 1 or more workers, or "
                           "resources.lean: true")
     kind = sweep.scheduler.type
-    if kind in ("hyperband", "pbt") and not (
-            sweep.resources.lean and all(c.trainer.max_workers <= 1 for c in configs)):
+    if kind in ("hyperband", "pbt") and not all(runs_lean(sweep, c) for c in configs):
         raise ConfigError(f"sweep {sweep.name}: scheduler.type {kind} pauses or clones "
                           "trials through Tune checkpoints, which lean trials give: use "
                           "trainer.num_workers 1 and resources.lean: true")
@@ -341,4 +346,4 @@ def check_against_base(sweep: SweepConfig, base: TrainConfig) -> None:
 
 
 __all__ = ["Dim", "SweepConfig", "Stage", "KINDS", "load_sweep", "base_config", "base_path",
-           "trial_config", "check_against_base", "is_job_key"]
+           "trial_config", "check_against_base", "is_job_key", "runs_lean"]

@@ -28,7 +28,7 @@ from pipeline import locks, storage, tracking
 from pipeline.config import config_to_dict
 from pipeline.runtime import init_ray
 from sweeps import tags as T
-from sweeps.config import SweepConfig
+from sweeps.config import SweepConfig, runs_lean
 from sweeps.outcomes import TrialOutcome, close_trials, pick_best, record_summary
 from sweeps.plan import SweepPlan
 from sweeps.schedulers import make_scheduler, scheduler_params, warmup_warning
@@ -59,10 +59,7 @@ class SweepResult:
 
 def all_lean(plan: SweepPlan) -> bool:
     """Does every stage of a trial run in the trial's own process (sweeps/trial.py)?"""
-    r = plan.sweep.resources
-    return r.lean and all(plan.stage_config(s).trainer.max_workers <= 1
-                          and not plan.stage_config(s).trainer.elastic
-                          for s in plan.sweep.stages)
+    return all(runs_lean(plan.sweep, plan.stage_config(s)) for s in plan.sweep.stages)
 
 
 def trial_resources(plan: SweepPlan) -> dict[str, float]:

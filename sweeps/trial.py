@@ -37,7 +37,7 @@ from pipeline.train.driver import JobError, run_training
 from pipeline.train.inprocess import InProcess
 from sweeps import tags as T
 from sweeps.callbacks import TrialReport
-from sweeps.config import Stage, SweepConfig, trial_config
+from sweeps.config import Stage, SweepConfig, runs_lean, trial_config
 from sweeps.plan import Tracked
 from sweeps.space import check_point
 
@@ -56,8 +56,7 @@ class TrialSetup(Tracked):
 
     def lean(self, cfg: TrainConfig) -> bool:
         """Does this stage run in the trial's own process (one worker, not elastic)?"""
-        return self.sweep.resources.lean and cfg.trainer.max_workers <= 1 \
-            and not cfg.trainer.elastic
+        return runs_lean(self.sweep, cfg)
 
     @property
     def tune_checkpoints(self) -> bool:
