@@ -47,6 +47,18 @@ def _live(runs: list) -> list:
     return [r for r in runs if r.data.tags.get("hip.superseded") != "true"]
 
 
+def _outcome(uri: str, parent_id: str, scheduler: str):
+    """(client, parent run, child runs, live child runs) after checking the parent records
+    the scheduler and every one of the 4 trials has one live run (none lost)."""
+    c = tracking.client(uri)
+    parent = c.get_run(parent_id)
+    assert parent.data.params["scheduler.type"] == scheduler
+    runs = _children(uri, parent_id)
+    live = _live(runs)
+    assert len(live) == 4
+    return c, parent, runs, live
+
+
 def test_hyperband_cuts_rungs_synchronously_and_resumes_paused_trials(
         image_shards, ray_session, tmp_path):
     """4 learning rates, 8 steps, grace 2, halving: rungs at steps 2 and 4. Two trials run at
@@ -57,13 +69,8 @@ def test_hyperband_cuts_rungs_synchronously_and_resumes_paused_trials(
         "space": {"optim.lr": {"grid": [3e-3, 1e-3, 1e-5, 1e-6]}},
         "scheduler": {"type": "hyperband", "grace_period": 2, "reduction_factor": 2},
         "resources": {"max_concurrent": 2}})
-    c = tracking.client(uri)
-    parent = c.get_run(parent_id)
-    assert parent.data.params["scheduler.type"] == "hyperband"
+    c, parent, runs, live = _outcome(uri, parent_id, "hyperband")
     assert parent.data.params["resources.lean"] == "true"
-    runs = _children(uri, parent_id)
-    live = _live(runs)
-    assert len(live) == 4  # one live run per trial: every trial accounted for
     status = {float(r.data.params["optim.lr"]): r.data.tags["hip.sweep_status"] for r in live}
     assert sorted(status.values()) == ["EARLY_STOPPED"] * 3 + ["FINISHED"], status
     stopped_at = {float(r.data.params["optim.lr"]): int(r.data.tags["hip.stopped_at_step"])
@@ -91,13 +98,8 @@ def test_pbt_exploits_a_better_trials_checkpoint_with_a_perturbed_learning_rate(
         "space": {"optim.lr": {"loguniform": [1e-6, 3e-3]}}, "num_samples": 4,
         "scheduler": {"type": "pbt", "perturbation_interval": 2, "resample_probability": 0.0},
         "resources": {"max_concurrent": 4}})
-    c = tracking.client(uri)
-    parent = c.get_run(parent_id)
-    assert parent.data.params["scheduler.type"] == "pbt"
+    c, parent, runs, live = _outcome(uri, parent_id, "pbt")
     assert parent.data.params["scheduler.mutate"] == "optim.lr"
-    runs = _children(uri, parent_id)
-    live = _live(runs)
-    assert len(live) == 4
     assert all(r.data.tags["hip.sweep_status"] == "FINISHED" for r in live)
     first = {r.data.tags["hip.trial_id"]: float(r.data.params["optim.lr"])
              for r in sorted(runs, key=lambda r: r.info.start_time, reverse=True)}
