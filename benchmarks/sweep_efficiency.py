@@ -1,9 +1,12 @@
 """Early stopping vs none: the same sweep's wall time, steps run and winners; trial start-up.
 
     python -m benchmarks.sweep_efficiency [--trials 8] [--steps 192] [--grace 16] [--rf 4]
-        [--schedulers asha,hyperband,none] [--path lean|train] [--concurrent 2]
+        [--schedulers asha,hyperband,none] [--path lean|train] [--concurrent 2] [--cooldown K]
         [--per-class 32] [--workdir DIR]
     python -m benchmarks.sweep_efficiency --startup [--trials 8] [--path lean,train]
+    ... --save R.json (each half's results), --full-from R.json (the full half of an earlier
+    run of the same --trials/--steps, instead of running it again: its trials do not depend on
+    the scheduler, so a long full half can run once, or apart from the scheduled halves)
 
 Generates the sample images (64x64), preprocesses them, then runs one learning-rate sweep of
 the quickstart MAE pretraining (--trials learning rates sampled log-uniformly in [1e-4, 3e-2]
@@ -28,6 +31,7 @@ an idle machine).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -54,6 +58,7 @@ def warmup_steps(steps: int) -> int:
 def sweep_file(workdir: Path, name: str, scheduler: str, args: argparse.Namespace,
                *, steps: int, lean: bool) -> Path:
     path = workdir / f"bench-{name}.yaml"
+    cooled = args.cooldown > 0 and scheduler != "none"  # the full half reads only the end
     path.write_text(yaml.safe_dump({
         "name": f"bench-{name}", "base": str(ROOT / "configs" / "quickstart-pretrain.yaml"),
         "kind": "pretrain",
@@ -64,11 +69,12 @@ def sweep_file(workdir: Path, name: str, scheduler: str, args: argparse.Namespac
                       "trainer.checkpoint_every": args.grace if scheduler == "hyperband"
                       else steps,
                       "trainer.log_every": 8,
+                      "trainer.eval_cooldown_steps": args.cooldown if cooled else 0,
                       "optim.warmup_steps": warmup_steps(steps), "trainer.seed": 0,
                       "data.deterministic": True},
         "space": {"optim.lr": {"loguniform": LR_RANGE}},
         "num_samples": args.trials, "searcher": {"seed": 0},
-        "metric": "val_loss", "mode": "min",
+        "metric": "cooled_val_loss" if cooled else "val_loss", "mode": "min",
         "scheduler": {"type": scheduler, "grace_period": args.grace,
                       "reduction_factor": args.rf},
         "resources": {"lean": lean, "max_concurrent": args.concurrent}}))
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=192)
     p.add_argument("--grace", type=int, default=16, help="ASHA grace period in steps; also "
                    "the eval interval (one report per rung) and HyperBand's time unit")
+    p.add_argument("--cooldown", type=int, default=0, help="trainer.eval_cooldown_steps of "
+                   "the scheduled halves, which then rank by cooled_val_loss (docs/sweeps.md)")
     p.add_argument("--rf", type=int, default=4, help="reduction factor (ASHA, HyperBand)")
     p.add_argument("--schedulers", default="asha,hyperband,none",
                    help="comma-separated; the last one should be none (the reference)")
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup", action="store_true", help="measure per-trial start-up")
     p.add_argument("--per-class", type=int, default=32)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/hip-bench-sweep"))
+    p.add_argument("--save", type=Path, help="write every half's results here (JSON)")
+    p.add_argument("--full-from", type=Path, help="the 'none' half from an earlier --save")
     args = p.parse_args(argv)
     import shutil
 
@@ -162,7 +172,16 @@ def main(argv: list[str] | None = None) -> int:
             args.path = "lean,train"
         return startup(args.workdir, shards, args)
     results = {}
+    if args.full_from:
+        saved = json.loads(args.full_from.read_text())
+        if (saved["trials"], saved["steps"]) != (args.trials, args.steps):
+            raise SystemExit(f"{args.full_from} is a {saved['trials']} x {saved['steps']} "
+                             f"sweep, not {args.trials} x {args.steps}")
+        results["none"] = saved["results"]["none"]
+        print(f"the full half: {args.full_from} (run {saved['when']})", flush=True)
     for scheduler in args.schedulers.split(","):
+        if scheduler in results:
+            continue
         r = results[scheduler] = run(args.workdir, shards, scheduler, scheduler, args,
                                      steps=args.steps, lean=args.path == "lean")
         print(f"  {scheduler}: {r['wall_s']:.0f} s, {r['finished']} finished, {r['stopped']} "
@@ -171,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(r['startup_s'] or [0]):.1f}", flush=True)
         for lr, (status, step, metric) in sorted(r["by_lr"].items()):
             print(f"    lr={lr:<7g} {status:<13} step={step} val_loss={metric}", flush=True)
+        if args.save:
+            args.save.write_text(json.dumps({
+                "trials": args.trials, "steps": args.steps, "when": time.strftime(
+                    "%Y-%m-%d %H:%M"), "results": results}, indent=1, default=str))
     print(f"\n{args.trials} trials x {args.steps} steps, lr log-uniform in {LR_RANGE} (seed "
           f"0), quickstart HiP, 64x64 images, 1 worker per trial ({args.path} path), "
           f"{args.concurrent} at once, deterministic data\n")

@@ -42,6 +42,7 @@ Stage = Literal["pretrain", "finetune"]
 DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Infrastructure, not hyperparameters: a trial's task, tracking and storage are the sweep's.
 UNSWEEPABLE = ("task", "tracking", "storage", "finetune")
+METRICS = ("loss", "val_loss", "val_accuracy", "cooled_val_loss", "cooled_val_accuracy")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -153,7 +154,8 @@ class SweepConfig(StrictModel):
         "pretrain-then-finetune only: dotted overrides of the finetune stage"))
     space: dict[str, Dim] = Field(min_length=1, description="dotted job-config key -> Dim")
     metric: str = Field("val_loss", description="reported by every eval: loss, val_loss, "
-                        "val_accuracy (classify)")
+                        "val_accuracy (classify); cooled_val_loss / cooled_val_accuracy "
+                        "with trainer.eval_cooldown_steps (docs/sweeps.md)")
     mode: Literal["min", "max"] = "min"
     num_samples: int = Field(1, ge=1, description="samples of the space (x every grid point)")
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
@@ -195,12 +197,12 @@ class SweepConfig(StrictModel):
     def _cross_checks(self) -> SweepConfig:
         if self.finetune_overrides and self.kind != "pretrain-then-finetune":
             raise ValueError("finetune_overrides is only used by kind pretrain-then-finetune")
-        if self.metric == "val_accuracy" and self.kind == "pretrain":
-            raise ValueError("metric val_accuracy needs a classification stage (kind "
+        if self.metric.endswith("val_accuracy") and self.kind == "pretrain":
+            raise ValueError(f"metric {self.metric} needs a classification stage (kind "
                              "finetune or pretrain-then-finetune); MAE reports val_loss")
-        if self.metric not in ("loss", "val_loss", "val_accuracy"):
+        if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r} is not reported at every eval; use "
-                             "loss, val_loss or val_accuracy")
+                             f"one of {', '.join(METRICS)}")
         grid = [k for k, d in self.space.items() if d.kind == "grid"]
         if grid and self.searcher.type == "optuna":
             raise ValueError(f"the optuna searcher samples; {grid} use grid (use choice, or "
@@ -337,6 +339,11 @@ def check_against_base(sweep: SweepConfig, base: TrainConfig) -> None:
         raise ConfigError(f"sweep {sweep.name}: scheduler.grace_period "
                           f"({sweep.scheduler.grace_period}) must be below trainer.steps "
                           f"({t.steps}), or {kind} can never stop a trial")
+    if sweep.metric.startswith("cooled_") and not t.eval_cooldown_steps:
+        raise ConfigError(f"sweep {sweep.name}: metric {sweep.metric} is reported only with "
+                          "trainer.eval_cooldown_steps > 0; set it in overrides (e.g. half of "
+                          "scheduler.grace_period), or use metric "
+                          f"{sweep.metric.removeprefix('cooled_')}")
     if sweep.metric != "loss" and t.checkpoint_every % t.eval_every:
         # Reports happen at eval and checkpoint steps; a checkpoint-only report has no
         # val_* metric, and Tune fails a trial whose report lacks the sweep's metric.
@@ -345,5 +352,5 @@ def check_against_base(sweep: SweepConfig, base: TrainConfig) -> None:
                           f"every report to Tune carries {sweep.metric}")
 
 
-__all__ = ["Dim", "SweepConfig", "Stage", "KINDS", "load_sweep", "base_config", "base_path",
-           "trial_config", "check_against_base", "is_job_key", "runs_lean"]
+__all__ = ["Dim", "METRICS", "SweepConfig", "Stage", "KINDS", "load_sweep", "base_config",
+           "base_path", "trial_config", "check_against_base", "is_job_key", "runs_lean"]

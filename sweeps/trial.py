@@ -37,11 +37,11 @@ from pipeline.train.driver import JobError, run_training
 from pipeline.train.inprocess import InProcess
 from sweeps import tags as T
 from sweeps.callbacks import TrialReport
-from sweeps.config import Stage, SweepConfig, runs_lean, trial_config
+from sweeps.config import METRICS, Stage, SweepConfig, runs_lean, trial_config
 from sweeps.plan import Tracked
 from sweeps.space import check_point
 
-REPORTED = ("loss", "val_loss", "val_accuracy", "lr", "step")
+REPORTED = (*METRICS, "lr", "step")
 _trials_in_this_process = 0  # Tune reuses a lean trial's actor for the next trial
 
 

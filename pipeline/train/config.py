@@ -79,6 +79,11 @@ class TrainerSection(StrictModel):
     steps: int = Field(100, ge=1, description="optimizer steps in total")
     checkpoint_every: int = Field(50, ge=1)
     eval_every: int = Field(50, ge=1)
+    eval_cooldown_steps: int = Field(0, ge=0, description=(
+        "also evaluate a copy annealed for this many steps (lr falling linearly to "
+        "optim.min_lr_ratio) before every eval but the last, logged as cooled_val_loss "
+        "(cooled_val_accuracy): ranks early rungs of a sweep by where runs are heading; "
+        "the run itself is unchanged (pipeline/train/cooldown.py)"))
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts (-1 = forever)")
     elastic_check_s: float = Field(60.0, gt=0, description=(

@@ -7,7 +7,9 @@ loop sees the outside world only through a Session (pipeline/train/session.py):
     setup(args, s)   context (rank, device), model (+ init weights), optimizer, schedule,
                      resume (the session's checkpoint or our own folders), data iterators
     train(run)       optimizer steps until trainer.steps; logs, evaluates and reports
-    evaluate(run)    one pass over this worker's val shard, summed across workers
+    evaluate(run)    one pass over this worker's val shard, summed across workers (and,
+                     with trainer.eval_cooldown_steps, once more after a cooldown probe:
+                     cooled_val_loss, pipeline/train/cooldown.py)
     report(run)      session.report at eval and checkpoint steps (a barrier: every worker
                      calls it at the same steps); rank 0 attaches the checkpoint
 
@@ -34,6 +36,7 @@ from pipeline.train import checkpoints
 from pipeline.train.batches import input_spec, to_model_input, to_pixels
 from pipeline.train.build import build_model, lr_factor, make_optimizer, make_scheduler
 from pipeline.train.config import TrainConfig
+from pipeline.train.cooldown import Lookahead, cooled_eval
 from pipeline.train.faults import FAULT_ENV
 from pipeline.train.faults import maybe_fault as _maybe_fault
 from pipeline.train.session import Session, TrainSession
@@ -89,7 +92,7 @@ class Run:
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    train_data: Any  # endless iterator of batches (see _batches)
+    train_data: Any  # endless Lookahead over _batches (a cooldown probe reads ahead)
     val_ds: Any  # this worker's val shard, or None
     step: int = 0
     started_at: float | None = None  # WorkerArgs.started_at (startup_s)
@@ -175,8 +178,10 @@ def setup(args: WorkerArgs, session: Session) -> Run:
     run.position["world"] = ctx.world
     _resume(run)
     run.val_ds = session.dataset("val") if "val" in args.splits else None
-    run.train_data = _batches(session.dataset("train"), ctx, task.columns(list(spec)),
-                              train=True, position=run.position)
+    train_ds, columns = session.dataset("train"), task.columns(list(spec))
+    run.train_data = Lookahead(
+        lambda position: _batches(train_ds, ctx, columns, train=True, position=position),
+        run.position)
     return run
 
 
@@ -263,6 +268,10 @@ def train(run: Run) -> None:
             evaluated = run.step % t.eval_every == 0 or last
             if evaluated:
                 val = evaluate(run)
+                if t.eval_cooldown_steps:  # the last step's schedule has already decayed
+                    cooled = val if last else cooled_eval(
+                        run, _probe_step, lambda r: evaluate(r, samples=False))
+                    val.update({f"cooled_{k}": v for k, v in cooled.items()})
                 metrics.update(val)
                 if ctx.logs and val:
                     ctx.mlflow.log_metrics(val, run.step)
@@ -278,24 +287,13 @@ def train_step(run: Run) -> dict[str, float]:
     """One optimizer step (run.accum micro-batches per worker); returns its metrics."""
     cfg, ctx = run.ctx.cfg, run.ctx
     t0 = time.perf_counter()
-    wait = loss_value = 0.0
-    run.opt.zero_grad(set_to_none=True)
-    torch.manual_seed(step_seed(cfg.trainer.seed, ctx.rank, run.step))
+    wait = 0.0
+    micro = []
     for _ in range(run.accum):
         tw = time.perf_counter()
-        batch = next(run.train_data)
+        micro.append(next(run.train_data))
         wait += time.perf_counter() - tw
-        with _autocast(ctx):
-            out = run.task.forward(run.model, to_model_input(batch, run.spec))
-        loss = run.task.loss(out, batch) / run.accum
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {run.step} on "
-                                     f"rank {ctx.rank}; lower optim.lr or enable clipping")
-        loss.backward()
-        loss_value += loss.item()
-    if cfg.optim.clip_norm:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_norm)
-    run.opt.step()
+    loss_value = _optimizer_step(run, micro, step_seed(cfg.trainer.seed, ctx.rank, run.step))
     run.sched.step()
     run.step += 1
     dt = time.perf_counter() - t0
@@ -305,12 +303,40 @@ def train_step(run: Run) -> dict[str, float]:
             "world_size": ctx.world}
 
 
+def _optimizer_step(run: Run, micro: list[dict[str, Any]], seed: int) -> float:
+    """Forward, backward (summed over the micro-batches), clip, optimizer step; -> loss."""
+    cfg, ctx = run.ctx.cfg, run.ctx
+    run.opt.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss_value = 0.0
+    for batch in micro:
+        with _autocast(ctx):
+            out = run.task.forward(run.model, to_model_input(batch, run.spec))
+        loss = run.task.loss(out, batch) / len(micro)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {run.step} on "
+                                     f"rank {ctx.rank}; lower optim.lr or enable clipping")
+        loss.backward()
+        loss_value += loss.item()
+    if cfg.optim.clip_norm:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_norm)
+    run.opt.step()
+    return loss_value
+
+
+def _probe_step(run: Run, micro: list[dict[str, Any]], i: int) -> None:
+    """Step i of a cooldown probe (pipeline/train/cooldown.py): the lr is set by the probe,
+    the schedule and run.step do not move, and the seeds are not the run's own."""
+    _optimizer_step(run, micro, step_seed(run.ctx.cfg.trainer.seed, run.ctx.rank,
+                                          -(run.step * 100_003 + i + 1)))
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(run: Run) -> dict[str, float]:
+def evaluate(run: Run, *, samples: bool = True) -> dict[str, float]:
     """Validation over this worker's val shard, summed across workers: val_loss and what the
-    task adds (val_accuracy); MAE logs reconstructions of the first batch."""
+    task adds (val_accuracy); MAE logs reconstructions of the first batch (samples=True)."""
     if run.val_ds is None:
         return {}
     ctx, task = run.ctx, run.task
@@ -328,7 +354,7 @@ def evaluate(run: Run) -> dict[str, float]:
             sums["count"] += n
             for k, v in task.eval_sums(out, batch).items():
                 sums[k] += v
-            if first:
+            if first and samples:
                 task.on_first_eval_batch(x, out, lambda x, out: _log_sample(run, x, out))
                 first = False
     sums = dict(zip(sums, _all_sum(list(sums.values()), ctx), strict=True))
