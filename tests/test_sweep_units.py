@@ -273,3 +273,16 @@ def test_schedulers_are_built_from_the_sweep_and_checked_before_ray(tmp_path):
     assert clip({"mae.mask_ratio": 1.08, "x": 7, "y": 5}) == \
         {"mae.mask_ratio": 0.9, "x": 3, "y": 5}
     assert clip({"mae.mask_ratio": 0.6, "x": 2}) == {"mae.mask_ratio": 0.6, "x": 2}
+
+
+def test_a_cooled_metric_needs_cooldown_probes(tmp_path):
+    """metric cooled_val_loss is only reported when the trials probe (trainer.
+    eval_cooldown_steps): refused before Ray otherwise, with the fix in the message."""
+    with pytest.raises(ConfigError, match=r"cooled_val_loss is reported only with "
+                       r"trainer.eval_cooldown_steps > 0"):
+        _plan(tmp_path, "metric=cooled_val_loss")
+    plan = _plan(tmp_path, "metric=cooled_val_loss", "overrides.trainer.eval_cooldown_steps=2")
+    assert plan.sweep.metric == "cooled_val_loss"
+    with pytest.raises(ConfigError, match="cooled_val_accuracy needs a classification stage"):
+        _plan(tmp_path, "metric=cooled_val_accuracy",
+              "overrides.trainer.eval_cooldown_steps=2")
