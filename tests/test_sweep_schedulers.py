@@ -18,14 +18,17 @@ from pipeline import tracking
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _sweep(tmp_path: Path, image_shards: Path, spec: dict) -> tuple[str, str, str]:
-    """Write and run a sweep of the tiny MAE job; -> (MLflow URI, parent run id, stdout)."""
+def _sweep(tmp_path: Path, image_shards: Path, spec: dict, **overrides
+           ) -> tuple[str, str, str]:
+    """Write and run a sweep of the tiny MAE job (dotted `overrides` with "__" for ".");
+    -> (MLflow URI, parent run id, stdout)."""
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({
         "name": "s", "base": str(ROOT / "configs" / "tiny.yaml"), "kind": "pretrain",
         "overrides": {"trainer.num_workers": 1, "trainer.steps": 8, "trainer.eval_every": 2,
                       "trainer.checkpoint_every": 2, "trainer.log_every": 1,
-                      "optim.warmup_steps": 0, "data.deterministic": True},
+                      "optim.warmup_steps": 0, "data.deterministic": True,
+                      **{k.replace("__", "."): v for k, v in overrides.items()}},
         "metric": "val_loss", "mode": "min", **spec}))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = io.StringIO()
@@ -64,11 +67,13 @@ def test_hyperband_cuts_rungs_synchronously_and_resumes_paused_trials(
     """4 learning rates, 8 steps, grace 2, halving: rungs at steps 2 and 4. Two trials run at
     a time, so the first two wait PAUSED at step 2 until the other two have reached it
     (a synchronous cut: no first-arrival promotion); the better half resumes from its Tune
-    checkpoint, the better of those runs all 8 steps, and the rest are stopped."""
+    checkpoint, the better of those runs all 8 steps, and the rest are stopped. The rungs
+    rank by cooled_val_loss (a 1-step cooldown probe before every eval but the last)."""
     uri, parent_id, _ = _sweep(tmp_path, image_shards, {
         "space": {"optim.lr": {"grid": [3e-3, 1e-3, 1e-5, 1e-6]}},
         "scheduler": {"type": "hyperband", "grace_period": 2, "reduction_factor": 2},
-        "resources": {"max_concurrent": 2}})
+        "resources": {"max_concurrent": 2}, "metric": "cooled_val_loss"},
+        trainer__eval_cooldown_steps=1)
     c, parent, runs, live = _outcome(uri, parent_id, "hyperband")
     assert parent.data.params["resources.lean"] == "true"
     status = {float(r.data.params["optim.lr"]): r.data.tags["hip.sweep_status"] for r in live}
@@ -87,6 +92,13 @@ def test_hyperband_cuts_rungs_synchronously_and_resumes_paused_trials(
     (best,) = [r for r in live if r.data.tags["hip.sweep_status"] == "FINISHED"]
     assert parent.data.tags["hip.best_run_id"] == best.info.run_id
     assert [m.step for m in c.get_metric_history(best.info.run_id, "val_loss")][-1] == 8
+    # The probe's value is logged beside the run's own at every eval; equal at the last step.
+    history = {k: {m.step: m.value for m in c.get_metric_history(best.info.run_id, k)}
+               for k in ("val_loss", "cooled_val_loss")}
+    assert set(history["cooled_val_loss"]) == set(history["val_loss"]) and 8 in history["val_loss"]
+    assert history["cooled_val_loss"][8] == history["val_loss"][8]
+    assert any(history["cooled_val_loss"][s] != history["val_loss"][s]
+               for s in history["val_loss"] if s < 8)
 
 
 def test_pbt_exploits_a_better_trials_checkpoint_with_a_perturbed_learning_rate(
