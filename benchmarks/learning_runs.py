@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -186,40 +185,12 @@ def evaluate(model, cfg, spec, val: Split, batch_size: int = 128) -> tuple[float
     return loss_sum / n, (correct / n if cfg.task == "classify" else float("nan"))
 
 
-def layer_depth(name: str, levels: int) -> int:
-    """Depth of a classifier parameter for layer-wise lr decay: the head 0, the last built
-    level 1, ..., level 0 `levels`, the input adapter (embeddings, positions) levels + 1."""
-    if name.startswith("head."):
-        return 0
-    m = re.match(r"backbone\.levels\.(\d+)\.", name)
-    if m:
-        return levels - int(m.group(1))
-    return levels + 1
-
-
-def make_optimizer_llrd(model, cfg, decay: float):
-    """make_optimizer's AdamW (same decay / no-decay split) with the lr of each parameter
-    scaled by decay ** layer_depth (BEiT/MAE fine-tuning's layer-wise lr decay; benchmark
-    only, no config field)."""
-    import torch
-
-    levels = len(model.backbone.levels)
-    groups: dict[tuple[int, bool], list] = {}
-    for name, p in model.named_parameters():
-        no_wd = p.ndim < 2 or name.endswith(".table")
-        groups.setdefault((layer_depth(name, levels), no_wd), []).append(p)
-    return torch.optim.AdamW(
-        [{"params": ps, "weight_decay": 0.0 if no_wd else cfg.optim.weight_decay,
-          "lr": cfg.optim.lr * decay ** depth} for (depth, no_wd), ps in groups.items()],
-        lr=cfg.optim.lr, betas=cfg.optim.betas)
-
-
 def train(cfg, manifest, train_split: Split, val: Split, *, seed: int,
           init: dict[str, Any] | None = None, evals: int = 0,
           llrd: float | None = None) -> RunResult:
     """cfg.trainer.steps optimizer steps; `evals` evaluations spread over them (plus the final
     one). Returns final val metrics, the eval history and (MAE) the trained state dict.
-    llrd: layer-wise lr decay for classification (None: the pipeline's make_optimizer)."""
+    llrd: optim.layer_decay for classification (None: the config's)."""
     import torch
     import torch.nn.functional as F
 
@@ -234,9 +205,9 @@ def train(cfg, manifest, train_split: Split, val: Split, *, seed: int,
     if init is not None:
         load_mae_weights(model, init)
     if llrd is not None and cfg.task == "classify":
-        opt = make_optimizer_llrd(model, cfg, llrd)
-    else:
-        opt = make_optimizer(model, cfg)
+        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(
+            update={"layer_decay": llrd})})
+    opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     steps, n = cfg.trainer.steps, len(train_split)
     bs = min(global_batch(cfg), n)

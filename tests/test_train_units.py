@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config, read_yaml
 from pipeline.train.batches import input_spec, to_model_input, to_pixels
-from pipeline.train.build import build_model, lr_factor, make_optimizer
+from pipeline.train.build import build_model, layer_depth, lr_factor, make_optimizer
 from pipeline.train.checkpoints import load_state, make_state, save_state
 from pipeline.train.config import TrainConfig, resolve_paths
 
@@ -80,6 +80,30 @@ def test_weight_decay_skips_biases_norms_and_tables():
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.ndim >= 2 and not name.endswith(".table")), name
+
+
+def test_layer_decay_scales_each_level_below_the_head():
+    """optim.layer_decay 0.5 on a 2-level HiP classifier: head x1, last level x0.5, level 0
+    x0.25, input adapter x0.125; weight-decay split unchanged; MAE ignores it."""
+    manifest = {**MANIFEST, "classes": ["a", "b"]}
+    cfg = TrainConfig(task="classify", optim={"lr": 1e-3, "layer_decay": 0.5})
+    model = build_model(cfg, manifest)
+    levels = len(model.backbone.levels)
+    assert levels >= 2
+    lr_of = {id(p): g["lr"] for g in make_optimizer(model, cfg).param_groups
+             for p in g["params"]}
+    for name, p in model.named_parameters():
+        depth = layer_depth(name, levels)
+        assert lr_of[id(p)] == pytest.approx(1e-3 * 0.5 ** depth), name
+        if name.startswith("head."):
+            assert depth == 0
+        elif name.startswith("backbone.levels.0."):
+            assert depth == levels
+        elif name.startswith("backbone.adapter."):
+            assert depth == levels + 1
+    mae = TrainConfig(optim={"lr": 1e-3, "layer_decay": 0.5})
+    assert {g["lr"] for g in make_optimizer(build_model(mae, MANIFEST), mae).param_groups} \
+        == {1e-3}
 
 
 def test_batches_become_normalised_model_inputs_and_back():

@@ -7,6 +7,7 @@ benchmark, so all three build exactly the same thing from a TrainConfig.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -37,16 +38,34 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, latent and position tables (as in MAE)."""
-    decay, no_decay = [], []
+    """AdamW; no weight decay on biases, norms, latent and position tables (as in MAE). With
+    optim.layer_decay < 1 (classification), each group's lr is optim.lr x
+    layer_decay ** layer_depth."""
+    decay = cfg.optim.layer_decay if cfg.task == "classify" else 1.0
+    levels = len(getattr(getattr(model, "backbone", None), "levels", ()))
+    if decay < 1.0 and not levels:
+        raise ValueError(f"optim.layer_decay needs a HiP classifier (backbone.levels); "
+                         f"{type(model).__name__} has none: use 1.0")
+    groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if p.ndim < 2 or name.endswith(".table"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+        no_wd = p.ndim < 2 or name.endswith(".table")
+        depth = layer_depth(name, levels) if decay < 1.0 else 0
+        groups.setdefault((depth, no_wd), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": 0.0 if no_wd else cfg.optim.weight_decay,
+          "lr": cfg.optim.lr * decay ** depth}
+         for (depth, no_wd), ps in sorted(groups.items(), key=lambda kv: kv[0])],
+        lr=cfg.optim.lr, betas=cfg.optim.betas)
+
+
+def layer_depth(name: str, levels: int) -> int:
+    """Depth of a classifier parameter for layer-wise lr decay: the head (and anything else
+    after the backbone) 0, the last level 1, ..., level 0 `levels`, the input adapter
+    (embeddings, positions) levels + 1."""
+    m = re.match(r"backbone\.levels\.(\d+)\.", name)
+    if m:
+        return levels - int(m.group(1))
+    return levels + 1 if name.startswith("backbone.") else 0
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig
@@ -55,4 +74,4 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
 
-__all__ = ["build_model", "lr_factor", "make_optimizer", "make_scheduler"]
+__all__ = ["build_model", "layer_depth", "lr_factor", "make_optimizer", "make_scheduler"]

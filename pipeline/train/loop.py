@@ -208,16 +208,17 @@ def _resume(run: Run) -> None:
                                      run_dir=ctx.run_dir, warn=say)
     if state is None:
         return
+    bases = [group["initial_lr"] for group in run.opt.param_groups]  # optim.lr x layer decay
     checkpoints.unwrap(run.model).load_state_dict(state["model"])
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     run.step = int(state["step"])
-    # This config's learning rate, not the checkpoint's: a PBT exploit resumes another
-    # trial's state with a perturbed optim.lr (the same value otherwise).
-    run.sched.base_lrs = [ctx.cfg.optim.lr] * len(run.sched.base_lrs)
-    for group in run.opt.param_groups:
-        group["initial_lr"] = ctx.cfg.optim.lr
-        group["lr"] = ctx.cfg.optim.lr * lr_factor(run.sched.last_epoch, ctx.cfg)
+    # This config's learning rates, not the checkpoint's: a PBT exploit resumes another
+    # trial's state with a perturbed optim.lr (the same values otherwise).
+    run.sched.base_lrs = bases
+    for group, base in zip(run.opt.param_groups, bases, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_factor(run.sched.last_epoch, ctx.cfg)
     # Every rank has consumed as many batches as rank 0 (equal splits, same steps).
     # Checkpoints from before the data position was saved restart the stream.
     saved = dict(state.get("data") or {})
