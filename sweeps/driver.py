@@ -31,7 +31,7 @@ from sweeps import tags as T
 from sweeps.config import SweepConfig, runs_lean
 from sweeps.outcomes import TrialOutcome, close_trials, pick_best, record_summary
 from sweeps.plan import SweepPlan
-from sweeps.schedulers import make_scheduler, scheduler_params, warmup_warning
+from sweeps.schedulers import decision_steps, make_scheduler, scheduler_params, warmup_warning
 from sweeps.space import format_point, grid_size, to_tune
 from sweeps.sync_halving import PauseAwareGenerator, Slots
 from sweeps.trial import TrialSetup, train_trial
@@ -287,7 +287,7 @@ def _run_locked(plan: SweepPlan, resume: bool, log) -> SweepResult:
     log(f"[hip] sweep {s.name}: MLflow parent run {parent} in experiment {plan.experiment!r} "
         f"at {plan.uri}; up to {max_concurrent} trials at once; Tune experiment "
         f"{plan.tune_dir}")
-    setup = TrialSetup(s, plan.base, parent, _data_context())
+    setup = TrialSetup(s, plan.base, parent, _data_context(), decision_steps(plan))
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     trial_resources(plan))
     start = time.time()

@@ -63,6 +63,26 @@ def make_scheduler(plan: SweepPlan, slots: Slots | None = None) -> TrialSchedule
     return FIFOScheduler()
 
 
+def decision_steps(plan: SweepPlan) -> tuple[int, ...] | None:
+    """The evaluation steps at which the scheduler reads a trial's metric: ASHA's and
+    HyperBand's rungs, PBT's perturbation points, each moved to the first evaluation at or
+    after it (both read the first report there); None for `none` (every report). A sweep
+    ranking by a cooled_* metric probes only these (trainer.eval_cooldown_at)."""
+    s, t = plan.sweep.scheduler, plan.scored_config().trainer
+    rf = s.reduction_factor
+    if s.type == "asha":
+        points = {int(s.grace_period * rf ** k) for k in range(64)}
+    elif s.type == "hyperband":
+        points = {int(s.grace_period * rf ** (b + k)) for b in range(s.brackets)
+                  for k in range(64)}
+    elif s.type == "pbt":
+        points = set(range(_pbt_interval(plan), t.steps, _pbt_interval(plan)))
+    else:
+        return None
+    e = t.eval_every
+    return tuple(sorted({min(t.steps, -(-p // e) * e) for p in points if p <= t.steps}))
+
+
 class _Clip:
     """PBT's explore step scales values by 0.8 / 1.2 with no regard for the space: a mask
     ratio of 0.9 would become 1.08, a config that cannot run. Keep every perturbed value
@@ -113,4 +133,4 @@ def scheduler_params(plan: SweepPlan) -> dict[str, Any]:
     return {}
 
 
-__all__ = ["make_scheduler", "scheduler_params", "total_trials", "warmup_warning"]
+__all__ = ["decision_steps", "make_scheduler", "scheduler_params", "total_trials", "warmup_warning"]

@@ -53,6 +53,7 @@ class TrialSetup(Tracked):
     base: TrainConfig  # resolved: absolute paths, storage.path = the sweep's train/ folder
     parent_run_id: str
     data_context: dict[str, Any] = field(default_factory=dict)  # Ray Data settings to copy
+    probe_at: tuple[int, ...] | None = None  # the scheduler's decision steps (decision_steps)
 
     def lean(self, cfg: TrainConfig) -> bool:
         """Does this stage run in the trial's own process (one worker, not elastic)?"""
@@ -162,10 +163,15 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         raise JobError(str(e)) from None
     cfg.tracking.run_name = run_name if init_from is None else f"{run_name}-finetune"
     lean = setup.lean(cfg)
+    require = None
+    if lean and sweep.metric.startswith("cooled_") and setup.probe_at is not None:
+        # Probe only where the scheduler reads the metric; only those reports reach Tune.
+        cfg.trainer.eval_cooldown_at, require = list(setup.probe_at), sweep.metric
     result = run_training(
         cfg, parent_run_id=parent, log=log, started_at=started_at,
         extra_tags=tags(scored, scored=True),
-        in_process=InProcess(attach_checkpoints=setup.tune_checkpoints) if lean else None,
+        in_process=InProcess(attach_checkpoints=setup.tune_checkpoints,
+                             require=require) if lean else None,
         callbacks=None if lean else [TrialReport(cfg.trainer.steps)])
     tracking.set_tags(uri, result.run_id, T.to_outcome("FINISHED"))
     # The last report, held back until the run is closed (TuneSession, callbacks.py).

@@ -286,3 +286,18 @@ def test_a_cooled_metric_needs_cooldown_probes(tmp_path):
     with pytest.raises(ConfigError, match="cooled_val_accuracy needs a classification stage"):
         _plan(tmp_path, "metric=cooled_val_accuracy",
               "overrides.trainer.eval_cooldown_steps=2")
+
+
+def test_decision_steps_are_the_evaluations_where_the_scheduler_reads_the_metric(tmp_path):
+    """Rungs (ASHA, HyperBand brackets) and perturbation points (PBT), each moved to the first
+    evaluation at or after it; None without a scheduler (every report counts)."""
+    from sweeps.schedulers import decision_steps
+
+    steps = ["overrides.trainer.steps=40", "overrides.trainer.eval_every=3",
+             "overrides.trainer.checkpoint_every=3"]
+    assert decision_steps(_plan(tmp_path, *steps)) == (3, 6, 9, 18, 33)  # 2, 4, 8, 16, 32
+    assert decision_steps(_plan(tmp_path, *steps, "scheduler.type=hyperband",
+                                "scheduler.brackets=2")) == (3, 6, 9, 18, 33)
+    assert decision_steps(_plan(tmp_path, *steps, "scheduler.type=pbt",
+                                "scheduler.perturbation_interval=12")) == (12, 24, 36)
+    assert decision_steps(_plan(tmp_path, "scheduler.type=none")) is None

@@ -88,6 +88,9 @@ class TrainerSection(StrictModel):
         "optim.min_lr_ratio) before every eval but the last, logged as cooled_val_loss "
         "(cooled_val_accuracy): ranks early rungs of a sweep by where runs are heading; "
         "the run itself is unchanged (pipeline/train/cooldown.py)"))
+    eval_cooldown_at: list[int] = Field(default_factory=list, description=(
+        "probe only the evaluations at these steps (empty: every evaluation); a sweep sets "
+        "its scheduler's decision steps (rungs) here for lean trials"))
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts (-1 = forever)")
     elastic_check_s: float = Field(60.0, gt=0, description=(

@@ -28,6 +28,7 @@ class InProcess:
 
     to_tune: bool = True  # False: a pretrain stage whose metric is not the sweep's
     attach_checkpoints: bool = False  # PBT and HyperBand restore from Tune's checkpoints
+    require: str | None = None  # send Tune only the reports with this metric (TuneSession)
 
 
 def datasets(cfg: TrainConfig, manifest: dict[str, Any], ray_datasets) -> dict[str, Any]:
@@ -47,7 +48,8 @@ def fit(args: loop.WorkerArgs, data: dict[str, Any], how: InProcess
     """Train in this process; -> (the final report's metrics, its checkpoint or None)."""
     cfg = args.cfg
     session = TuneSession(tune_device(cfg.trainer.use_gpu), data, cfg.trainer.steps,
-                          to_tune=how.to_tune, attach_checkpoints=how.attach_checkpoints)
+                          to_tune=how.to_tune, attach_checkpoints=how.attach_checkpoints,
+                          require=how.require)
     loop.train(loop.setup(args, session))
     return session.final or ({}, None)
 

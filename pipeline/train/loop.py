@@ -269,7 +269,9 @@ def train(run: Run) -> None:
             evaluated = run.step % t.eval_every == 0 or last
             if evaluated:
                 val = evaluate(run)
-                if t.eval_cooldown_steps:  # the last step's schedule has already decayed
+                if t.eval_cooldown_steps and (last or not t.eval_cooldown_at
+                                              or run.step in t.eval_cooldown_at):
+                    # The last step's schedule has already decayed: no probe there.
                     cooled = val if last else cooled_eval(
                         run, _probe_step, lambda r: evaluate(r, samples=False))
                     val.update({f"cooled_{k}": v for k, v in cooled.items()})

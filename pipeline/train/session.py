@@ -82,13 +82,18 @@ class TuneSession:
       has closed the MLflow run (sweeps/trial.py).
     attach_checkpoints: give Tune the checkpoint of every report that has one (PBT exploits
       and HyperBand pauses restore from Tune's checkpoints); otherwise reports carry metrics
-      only and a restarted trial resumes from the loop's own checkpoint folders."""
+      only and a restarted trial resumes from the loop's own checkpoint folders.
+    require: reports without this metric are not sent to Tune (Tune fails a trial whose
+      report lacks the sweep's metric): a sweep ranking by cooled_val_loss probes only at
+      its scheduler's decision steps (trainer.eval_cooldown_at), and only those reports
+      (and the final one) reach Tune."""
 
     device: torch.device
     datasets: dict[str, Any]
     final_step: int
     to_tune: bool = True
     attach_checkpoints: bool = False
+    require: str | None = None
     rank: int = 0
     world: int = 1
     final: tuple[dict[str, Any], Any] | None = field(default=None, init=False)
@@ -110,7 +115,7 @@ class TuneSession:
         if metrics.get("step", 0) >= self.final_step:
             self.final = (metrics, checkpoint)
             return
-        if not self.to_tune:
+        if not self.to_tune or (self.require and self.require not in metrics):
             return
         ckpt = None
         if checkpoint is not None and self.attach_checkpoints:
