@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from pipeline.train.checkpoints import unwrap
+from pipeline.train.steps import step_seed
 
 
 class Lookahead:
@@ -71,11 +72,12 @@ def lr_scales(k: int, floor: float) -> list[float]:
     return [floor + (1 - floor) * (1 - (i + 1) / (k + 1)) for i in range(k)]
 
 
-def cooled_eval(run: Any, step: Callable[[Any, list[Any], int], None],
+def cooled_eval(run: Any, step: Callable[[Any, list[Any], int], float],
                 evaluate: Callable[[Any], dict[str, float]]) -> dict[str, float]:
     """evaluate(run) after a cooldown of trainer.eval_cooldown_steps, on a copy of the run's
-    state; the run is left as it was. step(run, micro_batches, i) is one optimizer step of
-    the loop (loop._probe_step) on the given micro-batches, seeded by i."""
+    state; the run is left as it was. step(run, micro_batches, seed) is one optimizer step
+    of the loop (loop._optimizer_step: no schedule step, run.step unchanged); the probe's
+    seeds are not any step's of the run."""
     cfg = run.ctx.cfg
     k, accum = cfg.trainer.eval_cooldown_steps, run.accum
     model = unwrap(run.model)
@@ -87,7 +89,8 @@ def cooled_eval(run: Any, step: Callable[[Any, list[Any], int], None],
         for i, scale in enumerate(lr_scales(k, cfg.optim.min_lr_ratio)):
             for group, lr in zip(run.opt.param_groups, base, strict=True):
                 group["lr"] = lr * scale
-            step(run, batches[i * accum:(i + 1) * accum], i)
+            seed = step_seed(cfg.trainer.seed, run.ctx.rank, -(run.step * 100_003 + i + 1))
+            step(run, batches[i * accum:(i + 1) * accum], seed)
         return evaluate(run)
     finally:
         with torch.no_grad():

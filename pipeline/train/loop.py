@@ -19,7 +19,6 @@ Only world rank 0 logs to MLflow.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from pipeline.train.cooldown import Lookahead, cooled_eval
 from pipeline.train.faults import FAULT_ENV
 from pipeline.train.faults import maybe_fault as _maybe_fault
 from pipeline.train.session import Session, TrainSession
+from pipeline.train.steps import accum_steps, step_seed
 from pipeline.train.tasks import Task, make_task
 
 INIT_TENSORS_TAG = "hip.initialised_tensors"  # how many tensors finetune.init_from supplied
@@ -131,21 +131,6 @@ def _batches(ds, ctx: _Ctx, columns: list[str], *, train: bool,
                              f"optim.batch_size={ctx.cfg.optim.batch_size}")
         skip = 0
         pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
-
-
-def accum_steps(cfg: TrainConfig, world: int) -> int:
-    """Micro-batches per optimizer step on each of `world` workers: the global batch stays
-    batch_size x grad_accum x max_workers when an elastic run has fewer workers (rounded up
-    when max_workers x grad_accum is not a multiple of the world size)."""
-    target = cfg.optim.grad_accum * max(1, cfg.trainer.max_workers)
-    return max(1, -(-target // max(1, world)))
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The torch seed of one optimizer step on one rank. Reseeding every step makes MAE
-    masks, dropout and latent subsampling a function of (trainer.seed, rank, step), so a
-    resumed run (any rank, any worker restart) draws what an uninterrupted run would."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()[:8], "big")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -273,7 +258,7 @@ def train(run: Run) -> None:
                                               or run.step in t.eval_cooldown_at):
                     # The last step's schedule has already decayed: no probe there.
                     cooled = val if last else cooled_eval(
-                        run, _probe_step, lambda r: evaluate(r, samples=False))
+                        run, _optimizer_step, lambda r: evaluate(r, samples=False))
                     val.update({f"cooled_{k}": v for k, v in cooled.items()})
                 metrics.update(val)
                 if ctx.logs and val:
@@ -325,13 +310,6 @@ def _optimizer_step(run: Run, micro: list[dict[str, Any]], seed: int) -> float:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_norm)
     run.opt.step()
     return loss_value
-
-
-def _probe_step(run: Run, micro: list[dict[str, Any]], i: int) -> None:
-    """Step i of a cooldown probe (pipeline/train/cooldown.py): the lr is set by the probe,
-    the schedule and run.step do not move, and the seeds are not the run's own."""
-    _optimizer_step(run, micro, step_seed(run.ctx.cfg.trainer.seed, run.ctx.rank,
-                                          -(run.step * 100_003 + i + 1)))
 
 
 # ----------------------------------------------------------------------------- evaluation
