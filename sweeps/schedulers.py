@@ -28,7 +28,7 @@ from ray.tune.schedulers import (
 
 from sweeps.plan import SweepPlan
 from sweeps.space import grid_size, to_tune
-from sweeps.sync_halving import Slots, SyncHalving
+from sweeps.sync_halving import Slots, SyncHalving, rungs
 
 
 def _pbt_interval(plan: SweepPlan) -> int:
@@ -69,18 +69,16 @@ def decision_steps(plan: SweepPlan) -> tuple[int, ...] | None:
     after it (both read the first report there); None for `none` (every report). A sweep
     ranking by a cooled_* metric probes only these (trainer.eval_cooldown_at)."""
     s, t = plan.sweep.scheduler, plan.scored_config().trainer
-    rf = s.reduction_factor
-    if s.type == "asha":
-        points = {int(s.grace_period * rf ** k) for k in range(64)}
-    elif s.type == "hyperband":
-        points = {int(s.grace_period * rf ** (b + k)) for b in range(s.brackets)
-                  for k in range(64)}
+    if s.type in ("asha", "hyperband"):  # the last step is always probed and reported
+        brackets = s.brackets if s.type == "hyperband" else 1
+        points = {r for b in rungs(s.grace_period, s.reduction_factor, t.steps, brackets)
+                  for r in b}
     elif s.type == "pbt":
         points = set(range(_pbt_interval(plan), t.steps, _pbt_interval(plan)))
     else:
         return None
     e = t.eval_every
-    return tuple(sorted({min(t.steps, -(-p // e) * e) for p in points if p <= t.steps}))
+    return tuple(sorted({min(t.steps, -(-p // e) * e) for p in points}))
 
 
 class _Clip:

@@ -47,14 +47,19 @@ class PauseAwareGenerator(BasicVariantGenerator):
         return super().next_trial()
 
 
+def rungs(grace: int, rf: float, max_t: int, brackets: int = 1) -> list[list[int]]:
+    """Each bracket's rung steps: grace x rf^(b + k) below max_t (bracket 0 = ASHA's)."""
+    return [[r for k in range(64) if (r := int(grace * rf ** (b + k))) < max_t]
+            for b in range(brackets)]
+
+
 class SyncHalving(FIFOScheduler):
     def __init__(self, *, metric: str, mode: str, max_t: int, grace: int, rf: float,
                  total: int, slots: Slots, brackets: int = 1, time_attr: str = "step"):
         super().__init__()
         self._metric_name, self.sign = metric, (1.0 if mode == "min" else -1.0)
         self.time_attr, self.rf, self.slots = time_attr, rf, slots
-        self.rungs = [[r for k in range(64) if (r := int(grace * rf ** (b + k))) < max_t]
-                      for b in range(brackets)]
+        self.rungs = rungs(grace, rf, max_t, brackets)
         self.size = [len(range(b, total, brackets)) for b in range(brackets)]  # round robin
         self.bracket: dict[str, int] = {}
         self.next_rung: dict[str, int] = {}  # trial -> index of its next rung
@@ -155,4 +160,4 @@ class SyncHalving(FIFOScheduler):
                 f"rung, {len(self.go_on)} promoted")
 
 
-__all__ = ["SyncHalving", "PauseAwareGenerator", "Slots"]
+__all__ = ["SyncHalving", "PauseAwareGenerator", "Slots", "rungs"]
