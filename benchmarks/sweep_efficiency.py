@@ -2,7 +2,7 @@
 
     python -m benchmarks.sweep_efficiency [--trials 8] [--steps 192] [--grace 16] [--rf 4]
         [--schedulers asha,hyperband,none] [--path lean|train] [--concurrent 2] [--cooldown K]
-        [--per-class 32] [--workdir DIR]
+        [--cooldown-fraction F] [--per-class 32] [--workdir DIR]
     python -m benchmarks.sweep_efficiency --startup [--trials 8] [--path lean,train]
     ... --save R.json (each half's results), --full-from R.json (the full half of an earlier
     run of the same --trials/--steps, instead of running it again: its trials do not depend on
@@ -70,6 +70,8 @@ def sweep_file(workdir: Path, name: str, scheduler: str, args: argparse.Namespac
                       else steps,
                       "trainer.log_every": 8,
                       "trainer.eval_cooldown_steps": args.cooldown if cooled else 0,
+                      "trainer.eval_cooldown_fraction": args.cooldown_fraction if cooled
+                      else 0.0,
                       "optim.warmup_steps": warmup_steps(steps), "trainer.seed": 0,
                       "data.deterministic": True},
         "space": {"optim.lr": {"loguniform": LR_RANGE}},
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                    "the eval interval (one report per rung) and HyperBand's time unit")
     p.add_argument("--cooldown", type=int, default=0, help="trainer.eval_cooldown_steps of "
                    "the scheduled halves, which then rank by cooled_val_loss (docs/sweeps.md)")
+    p.add_argument("--cooldown-fraction", type=float, default=0.0, help="trainer."
+                   "eval_cooldown_fraction: probes grow with the step (pipeline/train/cooldown.py)")
     p.add_argument("--rf", type=int, default=4, help="reduction factor (ASHA, HyperBand)")
     p.add_argument("--schedulers", default="asha,hyperband,none",
                    help="comma-separated; the last one should be none (the reference)")

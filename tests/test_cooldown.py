@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.train import loop
+from pipeline.config import ConfigError, load_config
+from pipeline.train import build, loop
 from pipeline.train.config import TrainConfig
-from pipeline.train.cooldown import Lookahead, lr_scales
+from pipeline.train.cooldown import Lookahead, lr_scales, probe_length
 from pipeline.train.driver import preflight
 from pipeline.train.inprocess import datasets
 from pipeline.train.session import TuneSession
@@ -115,3 +115,21 @@ def test_the_cooldown_rate_falls_linearly_to_the_floor():
     assert lr_scales(3, 0.0) == pytest.approx([0.75, 0.5, 0.25])
     s = lr_scales(4, 0.1)
     assert s == sorted(s, reverse=True) and 0.1 < s[-1] < s[0] < 1.0
+
+
+def test_probes_grow_with_the_step_and_shrink_as_the_schedule_decays():
+    cfg = load_config(TrainConfig, None, [
+        "data.path=/x", "trainer.steps=1000", "optim.warmup_steps=100",
+        "trainer.eval_cooldown_steps=25"])
+    assert [probe_length(s, cfg) for s in (50, 200, 800)] == [25, 25, 25]
+    cfg.trainer.eval_cooldown_fraction = 0.5
+    k50, k200, k800, k990 = (probe_length(s, cfg) for s in (50, 200, 800, 990))
+    assert k50 == 25  # warm-up: 0.5 x 50 x 0.51 = 13 < the floor
+    assert k200 == round(0.5 * 200 * build.lr_factor(200, cfg)) and 95 <= k200 <= 100
+    assert 25 < k800 < k200  # the cosine has already shed ~90% of the rate
+    assert k990 == 10  # never past the end of the run
+
+
+def test_a_growing_probe_needs_probes_switched_on():
+    with pytest.raises(ConfigError, match="eval_cooldown_fraction needs eval_cooldown_steps"):
+        load_config(TrainConfig, None, ["data.path=/x", "trainer.eval_cooldown_fraction=0.5"])

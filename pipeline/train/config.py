@@ -88,6 +88,10 @@ class TrainerSection(StrictModel):
         "optim.min_lr_ratio) before every eval but the last, logged as cooled_val_loss "
         "(cooled_val_accuracy): ranks early rungs of a sweep by where runs are heading; "
         "the run itself is unchanged (pipeline/train/cooldown.py)"))
+    eval_cooldown_fraction: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "longer probes later in a run: a probe at step s anneals for max(eval_cooldown_steps, "
+        "fraction x s x the schedule's lr factor at s) steps, at most the steps left; "
+        "0: always eval_cooldown_steps (pipeline/train/cooldown.py probe_length)"))
     eval_cooldown_at: list[int] = Field(default_factory=list, description=(
         "probe only the evaluations at these steps (empty: every evaluation); a sweep sets "
         "its scheduler's decision steps (rungs) here for lean trials"))
@@ -111,6 +115,13 @@ class TrainerSection(StrictModel):
         if not 1 <= low <= high:
             raise ValueError(f"elastic [min, max] needs 1 <= min <= max, got [{low}, {high}]")
         return v
+
+    @model_validator(mode="after")
+    def _cooldown(self) -> TrainerSection:
+        if self.eval_cooldown_fraction and not self.eval_cooldown_steps:
+            raise ValueError("eval_cooldown_fraction needs eval_cooldown_steps > 0 (probes are "
+                             "on only then, and it is the shortest probe)")
+        return self
 
     @property
     def max_workers(self) -> int:

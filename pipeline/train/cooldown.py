@@ -16,8 +16,18 @@ usual (Lookahead), and its random draws (masks, dropout) use their own seeds. A 
 trajectory is therefore the same with and without probes, and a swept configuration's
 final value does not depend on the scheduler's evaluation settings.
 
-Cost: eval_cooldown_steps optimizer steps per evaluation (not at the last step, whose
-schedule has already decayed), and one copy of the weights and optimizer state while it runs.
+How long. A cooldown of K steps from step s scores what a run of s + K steps would end at,
+so a short one still favours rates that are fast over a short horizon: on the sweep
+benchmark, K = 25 at step 200 ranked 1.82e-2 ahead of 1.37e-2 and 2.07e-2, which end
+better at step 1000; K = 100 ranked them as the full runs end (docs/benchmarks.md,
+"third look"). `trainer.eval_cooldown_fraction` f makes the probe grow with the run:
+K(s) = max(eval_cooldown_steps, f x s x lr_factor(s)), at most the steps left, where
+lr_factor is the schedule's multiplier at s: the later the rung the longer the cooldown,
+but a run whose schedule has already decayed most of the way (at 80% of a cosine run the
+factor is ~0.1) has little left to anneal and gets a short probe.
+
+Cost: K optimizer steps per probed evaluation (none at the last step, whose schedule has
+already decayed), and one copy of the weights and optimizer state while it runs.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from typing import Any
 
 import torch
 
+from pipeline.train.build import lr_factor
 from pipeline.train.checkpoints import unwrap
 from pipeline.train.steps import step_seed
 
@@ -72,14 +83,21 @@ def lr_scales(k: int, floor: float) -> list[float]:
     return [floor + (1 - floor) * (1 - (i + 1) / (k + 1)) for i in range(k)]
 
 
+def probe_length(step: int, cfg: Any) -> int:
+    """Cooldown steps of a probe at `step` (see the module doc; cfg: a TrainConfig)."""
+    t = cfg.trainer
+    grown = round(t.eval_cooldown_fraction * step * lr_factor(step, cfg))
+    return max(0, min(max(t.eval_cooldown_steps, grown), t.steps - step))
+
+
 def cooled_eval(run: Any, step: Callable[[Any, list[Any], int], float],
                 evaluate: Callable[[Any], dict[str, float]]) -> dict[str, float]:
-    """evaluate(run) after a cooldown of trainer.eval_cooldown_steps, on a copy of the run's
+    """evaluate(run) after a cooldown of probe_length(run.step) steps, on a copy of the run's
     state; the run is left as it was. step(run, micro_batches, seed) is one optimizer step
     of the loop (loop._optimizer_step: no schedule step, run.step unchanged); the probe's
     seeds are not any step's of the run."""
     cfg = run.ctx.cfg
-    k, accum = cfg.trainer.eval_cooldown_steps, run.accum
+    k, accum = probe_length(run.step, cfg), run.accum
     model = unwrap(run.model)
     weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
     optimizer = copy.deepcopy(run.opt.state_dict())  # also holds every group's current lr
@@ -98,4 +116,4 @@ def cooled_eval(run: Any, step: Callable[[Any, list[Any], int], float],
         run.opt.load_state_dict(optimizer)
 
 
-__all__ = ["Lookahead", "cooled_eval", "lr_scales"]
+__all__ = ["Lookahead", "cooled_eval", "lr_scales", "probe_length"]
