@@ -109,11 +109,16 @@ def test_pbt_exploits_a_better_trials_checkpoint_with_a_perturbed_learning_rate(
         image_shards, ray_session, tmp_path):
     """4 trials at once, learning rates log-uniform in [1e-6, 3e-3]; every 2 steps the
     worst quarter (one trial) loads the best trial's checkpoint and goes on with its
-    learning rate perturbed (x0.8 / x1.2, or resampled). All four run to step 8."""
+    learning rate perturbed (x0.8 / x1.2, or resampled). All four run to step 16.
+
+    Ray's asynchronous PBT exploits only a donor that saved a checkpoint at its own last
+    perturbation point while in the top quantile ("no checkpoint for trial ...: skip
+    exploit" otherwise), and with trials at different steps the top changes often: 8 steps
+    (3 perturbation points) once ended with every exploit skipped, so the run has 7."""
     uri, parent_id, _ = _sweep(tmp_path, image_shards, {
         "space": {"optim.lr": {"loguniform": [1e-6, 3e-3]}}, "num_samples": 4,
         "scheduler": {"type": "pbt", "perturbation_interval": 2, "resample_probability": 0.0},
-        "resources": {"max_concurrent": 4}})
+        "resources": {"max_concurrent": 4}}, trainer__steps=16)
     c, parent, runs, live = _outcome(uri, parent_id, "pbt")
     assert parent.data.params["scheduler.mutate"] == "optim.lr"
     assert all(r.data.tags["hip.sweep_status"] == "FINISHED" for r in live)
