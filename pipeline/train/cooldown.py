@@ -41,6 +41,7 @@ import torch
 
 from pipeline.train.build import lr_factor
 from pipeline.train.checkpoints import unwrap
+from pipeline.train.config import TrainConfig
 from pipeline.train.steps import step_seed
 
 
@@ -83,8 +84,8 @@ def lr_scales(k: int, floor: float) -> list[float]:
     return [floor + (1 - floor) * (1 - (i + 1) / (k + 1)) for i in range(k)]
 
 
-def probe_length(step: int, cfg: Any) -> int:
-    """Cooldown steps of a probe at `step` (see the module doc; cfg: a TrainConfig)."""
+def probe_length(step: int, cfg: TrainConfig) -> int:
+    """Cooldown steps of a probe at `step` (see the module doc)."""
     t = cfg.trainer
     grown = round(t.eval_cooldown_fraction * step * lr_factor(step, cfg))
     return max(0, min(max(t.eval_cooldown_steps, grown), t.steps - step))
