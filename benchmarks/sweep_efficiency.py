@@ -1,8 +1,8 @@
 """Early stopping vs none: the same sweep's wall time, steps run and winners; trial start-up.
 
     python -m benchmarks.sweep_efficiency [--trials 8] [--steps 192] [--grace 16] [--rf 4]
-        [--schedulers asha,hyperband,none] [--path lean|train] [--concurrent 2] [--cooldown K]
-        [--cooldown-fraction F] [--per-class 32] [--workdir DIR]
+        [--schedulers asha,asha-stop,hyperband,none] [--path lean|train] [--concurrent 2]
+        [--cooldown K] [--cooldown-fraction F] [--per-class 32] [--workdir DIR]
     python -m benchmarks.sweep_efficiency --startup [--trials 8] [--path lean,train]
     ... --save R.json (each half's results), --full-from R.json (the full half of an earlier
     run of the same --trials/--steps, instead of running it again: its trials do not depend on
@@ -11,8 +11,10 @@
 Generates the sample images (64x64), preprocesses them, then runs one learning-rate sweep of
 the quickstart MAE pretraining (--trials learning rates sampled log-uniformly in [1e-4, 3e-2]
 with seed 0, warmup 10% of the steps, 1 worker per trial, --concurrent trials at once) once
-per scheduler on the local Ray: ASHA (time_attr = step; rungs at grace x rf^k below --steps),
-synchronous HyperBand (one report every --grace steps; brackets from steps/grace and rf) and
+per scheduler on the local Ray: ASHA (time_attr = step; rungs at grace x rf^k below --steps;
+`asha` = the paper's promotion rule, trials wait PAUSED at a rung until they rank in the best
+n // rf of the n there; `asha-stop` = Ray's ASHAScheduler, first arrivals go on), synchronous
+HyperBand (one report every --grace steps; brackets from steps/grace and rf) and
 no scheduler (every trial runs all steps). Every run samples the same configurations in the
 same order, and `data.deterministic` gives every trial the same batches in the same order, so
 a configuration trains identically in every run up to the step it is stopped at.
@@ -59,15 +61,17 @@ def sweep_file(workdir: Path, name: str, scheduler: str, args: argparse.Namespac
                *, steps: int, lean: bool) -> Path:
     path = workdir / f"bench-{name}.yaml"
     cooled = args.cooldown > 0 and scheduler != "none"  # the full half reads only the end
+    kind, _, rule = scheduler.partition("-")  # asha-stop: Ray's ASHAScheduler
+    pauses = kind == "hyperband" or (kind == "asha" and rule != "stop")
     path.write_text(yaml.safe_dump({
         "name": f"bench-{name}", "base": str(ROOT / "configs" / "quickstart-pretrain.yaml"),
         "kind": "pretrain",
         "overrides": {"trainer.num_workers": 1, "trainer.steps": steps,
                       "trainer.eval_every": min(args.grace, steps),
-                      # HyperBand pauses trials at rungs: they resume from that report's
-                      # checkpoint. The others checkpoint only at the end.
-                      "trainer.checkpoint_every": args.grace if scheduler == "hyperband"
-                      else steps,
+                      # HyperBand and ASHA's promotion rule pause trials at rungs: they
+                      # resume from that report's checkpoint. The others checkpoint only at
+                      # the end.
+                      "trainer.checkpoint_every": args.grace if pauses else steps,
                       "trainer.log_every": 8,
                       "trainer.eval_cooldown_steps": args.cooldown if cooled else 0,
                       "trainer.eval_cooldown_fraction": args.cooldown_fraction if cooled
@@ -77,8 +81,9 @@ def sweep_file(workdir: Path, name: str, scheduler: str, args: argparse.Namespac
         "space": {"optim.lr": {"loguniform": LR_RANGE}},
         "num_samples": args.trials, "searcher": {"seed": 0},
         "metric": "cooled_val_loss" if cooled else "val_loss", "mode": "min",
-        "scheduler": {"type": scheduler, "grace_period": args.grace,
-                      "reduction_factor": args.rf},
+        "scheduler": {"type": kind, "grace_period": args.grace, "reduction_factor": args.rf,
+                      **({"asha_rule": "stop" if rule == "stop" else "promote"}
+                         if kind == "asha" else {})},
         "resources": {"lean": lean, "max_concurrent": args.concurrent}}))
     return path
 

@@ -76,8 +76,13 @@ def _test_env() -> dict | None:
     """The test-only hooks (HIP_TEST_* variables: pipeline/train/faults.py,
     pipeline/data/isolate.py) of this process, for every worker of the job on a running
     cluster (whose processes do not inherit this process's environment)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
+    env = test_env_vars()
     return {"env_vars": env} if env else None
+
+
+def test_env_vars() -> dict[str, str]:
+    """This process's test-only hook variables (HIP_TEST_*); empty outside tests."""
+    return {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
 
 
 def _default_object_store() -> int:

@@ -138,6 +138,7 @@ def log_dataset(uri: str, run_id: str, manifest: Mapping[str, Any], data_path: s
     name = the shards folder's name, digest = the manifest hash, source = the shards URI,
     schema = the tensor columns, profile = rows per split."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
     source_type = data_path.split("://", 1)[0] if "://" in data_path else "local"
     dataset = Dataset(
@@ -147,8 +148,16 @@ def log_dataset(uri: str, run_id: str, manifest: Mapping[str, Any], data_path: s
         schema=json.dumps({"columns": manifest.get("columns", {})}, default=str),
         profile=json.dumps({"splits": manifest.get("splits", {}),
                             "classes": len(manifest.get("classes") or [])}))
-    client(uri).log_inputs(run_id, datasets=[DatasetInput(
-        dataset, tags=[InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+    try:
+        client(uri).log_inputs(run_id, datasets=inputs)
+    except MlflowException as e:
+        # Runs starting together (a sweep's first trials) race to create the experiment's
+        # dataset row in a SQL store: the loser's insert breaks the unique key (measured:
+        # SQLite, 2 of 12 trials). The row exists now, and a second call links it.
+        if not any(word in str(e).lower() for word in ("unique", "duplicate")):
+            raise
+        client(uri).log_inputs(run_id, datasets=inputs)
 
 
 def log_bytes(uri: str, run_id: str, artifact_path: str, content: str | bytes) -> None:

@@ -96,12 +96,19 @@ PBT_MUTABLE = ("optim.", "mae.")
 
 class SchedulerSection(StrictModel):
     type: Literal["asha", "hyperband", "pbt", "none"] = Field("asha", description=(
-        "asha: asynchronous successive halving (first arrivals at a rung may go on); "
+        "asha: asynchronous successive halving (see asha_rule); "
         "hyperband: synchronous HyperBand (a rung is cut only once every trial of the "
         "bracket reached it: the same winner as the full sweep more often, paused trials "
         "resume from checkpoints); pbt: population-based training (perturbs optim.* and "
         "mae.* values, exploits through checkpoints); none: every trial runs to "
         "trainer.steps"))
+    asha_rule: Literal["auto", "promote", "stop"] = Field("auto", description=(
+        "asha: promote = the ASHA paper's rule (a trial waits PAUSED at a rung until it "
+        "ranks in the best n // reduction_factor of the n results there; needs trials that "
+        "can pause: lean, checkpoint_every = eval_every, searcher random); stop = Ray's "
+        "ASHAScheduler (a trial goes on unless worse than the best 1/reduction_factor "
+        "recorded there so far: the first arrivals always go on); auto = promote when the "
+        "trials can pause, else stop"))
     grace_period: int = Field(1, ge=1, description="steps before ASHA may stop a trial "
                               "(its first rung)")
     reduction_factor: float = Field(3.0, ge=2.0, description="1/reduction_factor of the "
@@ -315,6 +322,23 @@ def runs_lean(sweep: SweepConfig, cfg: TrainConfig) -> bool:
     return sweep.resources.lean and cfg.trainer.max_workers <= 1 and not cfg.trainer.elastic
 
 
+def _cannot_pause(sweep: SweepConfig, configs: list[TrainConfig]) -> str | None:
+    """Why trials of this sweep cannot wait PAUSED (or be cloned) and resume from the Tune
+    checkpoint of their last report, or None when they can."""
+    t = configs[-1].trainer
+    if not all(runs_lean(sweep, c) for c in configs):
+        return ("pauses or clones trials through Tune checkpoints, which lean trials give: "
+                "use trainer.num_workers 1 and resources.lean: true")
+    if t.checkpoint_every != t.eval_every:
+        return (f"restores trials from the checkpoint of their last report: set "
+                f"trainer.checkpoint_every ({t.checkpoint_every}) = trainer.eval_every "
+                f"({t.eval_every})")
+    if sweep.scheduler.type != "pbt" and sweep.searcher.type != "random":
+        return ("needs searcher.type random (Tune's concurrency limit for a searcher counts "
+                "trials waiting at a rung)")
+    return None
+
+
 def check_against_base(sweep: SweepConfig, base: TrainConfig) -> None:
     """Checks that need the job config: every Tune report must carry the metric, and ASHA's
     rungs must fit in the run. Raises ConfigError."""
@@ -326,15 +350,14 @@ def check_against_base(sweep: SweepConfig, base: TrainConfig) -> None:
         raise ConfigError(f"sweep {sweep.name}: trainer.num_workers=0 (Ray Train's local "
                           "mode) cannot run inside a Tune trial; use 1 or more workers, or "
                           "resources.lean: true")
-    kind = sweep.scheduler.type
-    if kind in ("hyperband", "pbt") and not all(runs_lean(sweep, c) for c in configs):
-        raise ConfigError(f"sweep {sweep.name}: scheduler.type {kind} pauses or clones "
-                          "trials through Tune checkpoints, which lean trials give: use "
-                          "trainer.num_workers 1 and resources.lean: true")
-    if kind in ("hyperband", "pbt") and t.checkpoint_every != t.eval_every:
-        raise ConfigError(f"sweep {sweep.name}: scheduler.type {kind} restores trials from "
-                          f"the checkpoint of their last report: set trainer.checkpoint_every "
-                          f"({t.checkpoint_every}) = trainer.eval_every ({t.eval_every})")
+    kind, s = sweep.scheduler.type, sweep.scheduler
+    if kind == "asha" and s.asha_rule == "auto":  # resolved here, recorded in the parent run
+        s.asha_rule = "stop" if _cannot_pause(sweep, configs) else "promote"
+    if kind in ("hyperband", "pbt") or (kind == "asha" and s.asha_rule == "promote"):
+        name = f"{kind} (asha_rule promote)" if kind == "asha" else kind
+        if reason := _cannot_pause(sweep, configs):
+            raise ConfigError(f"sweep {sweep.name}: scheduler.type {name} {reason}"
+                              + ("; or scheduler.asha_rule: stop" if kind == "asha" else ""))
     if kind in ("asha", "hyperband") and sweep.scheduler.grace_period >= t.steps:
         raise ConfigError(f"sweep {sweep.name}: scheduler.grace_period "
                           f"({sweep.scheduler.grace_period}) must be below trainer.steps "

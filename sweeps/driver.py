@@ -26,14 +26,14 @@ from ray.tune.search import BasicVariantGenerator
 
 from pipeline import locks, storage, tracking
 from pipeline.config import config_to_dict
-from pipeline.runtime import init_ray
+from pipeline.runtime import init_ray, test_env_vars
 from sweeps import tags as T
 from sweeps.config import SweepConfig, runs_lean
+from sweeps.halving import Halving, PauseAwareGenerator, Slots
 from sweeps.outcomes import TrialOutcome, close_trials, pick_best, record_summary
 from sweeps.plan import SweepPlan
 from sweeps.schedulers import decision_steps, make_scheduler, scheduler_params, warmup_warning
 from sweeps.space import format_point, grid_size, to_tune
-from sweeps.sync_halving import PauseAwareGenerator, Slots
 from sweeps.trial import TrialSetup, train_trial
 
 STATE_FILE = "sweep.json"
@@ -207,8 +207,8 @@ def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
     s = plan.sweep
     slots = Slots(max_concurrent)
     scheduler = make_scheduler(plan, slots)
-    if s.scheduler.type == "hyperband" and s.searcher.type == "random":
-        # Trials waiting at a rung must not hold a concurrency slot (sync_halving.py).
+    if isinstance(scheduler, Halving):
+        # Trials waiting at a rung must not hold a concurrency slot (halving.py).
         search, limit = PauseAwareGenerator(slots, random_state=s.searcher.seed), None
     elif s.searcher.type == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -231,9 +231,10 @@ def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
             reuse_actors=all_lean(plan), trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
             name="tune", **where, verbose=1,
-            # Lean trials under hyperband / pbt give Tune a checkpoint at every report; Tune
-            # keeps them all: with num_to_keep, Ray 2.60 registers a checkpoint again when PBT
-            # or a pause saves the trial, then deletes it twice, and PBT's clone source is gone.
+            # Lean trials that pause or clone (hyperband, asha promote, pbt) give Tune a
+            # checkpoint at every report; Tune keeps them all: with num_to_keep, Ray 2.60
+            # registers a checkpoint again when PBT or a pause saves the trial, then
+            # deletes it twice, and PBT's clone source is gone.
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             # A trial's last report ends it, whatever the scheduler: PBT would otherwise
             # "exploit" a finished trial and run it again.
@@ -287,7 +288,8 @@ def _run_locked(plan: SweepPlan, resume: bool, log) -> SweepResult:
     log(f"[hip] sweep {s.name}: MLflow parent run {parent} in experiment {plan.experiment!r} "
         f"at {plan.uri}; up to {max_concurrent} trials at once; Tune experiment "
         f"{plan.tune_dir}")
-    setup = TrialSetup(s, plan.base, parent, _data_context(), decision_steps(plan))
+    setup = TrialSetup(s, plan.base, parent, _data_context(), decision_steps(plan),
+                       test_env_vars())
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     trial_resources(plan))
     start = time.time()

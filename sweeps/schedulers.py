@@ -1,13 +1,16 @@
 """`scheduler.type` -> a Ray Tune trial scheduler, and the parameters the parent run records.
 
-    asha       ASHAScheduler, time_attr "step": rungs at grace_period x reduction_factor^k
-               steps; asynchronous (a trial reaching a rung early is compared with the few
-               that are there already, and may go on).
-    hyperband  SyncHalving (sweeps/sync_halving.py), synchronous: a bracket's rung is cut
-               only once every trial of the bracket has reached it; trials wait PAUSED
-               meanwhile and resume from their Tune checkpoint (lean trials:
-               pipeline/train/inprocess.py). Rungs as ASHA's (bracket 0), `brackets`
-               brackets with rungs rf times later each.
+    asha       rungs at grace_period x reduction_factor^k steps, asynchronous. asha_rule
+               `promote` (the paper's; `auto` picks it when trials can pause): Halving
+               (sweeps/halving.py), a trial waits PAUSED at a rung until it ranks in the
+               best n // rf of the n results there, so none goes on before rf results
+               exist. `stop` (Ray's ASHAScheduler): a trial reaching a rung goes on unless
+               it ranks below the best 1/rf of the results recorded there so far (the
+               first arrivals always go on); for trials that cannot pause.
+    hyperband  Halving, synchronous: a bracket's rung is cut only once every trial of the
+               bracket has reached it; trials wait PAUSED meanwhile and resume from their
+               Tune checkpoint (lean trials: pipeline/train/inprocess.py). Rungs as ASHA's
+               (bracket 0), `brackets` brackets with rungs rf times later each.
     pbt        PopulationBasedTraining, time_attr "step": every perturbation_interval steps
                the bottom quantile_fraction of trials load a top trial's checkpoint and
                continue with its config, perturbed (x0.8 / x1.2, or resampled from the
@@ -26,9 +29,9 @@ from ray.tune.schedulers import (
     TrialScheduler,
 )
 
+from sweeps.halving import Halving, Slots, rungs
 from sweeps.plan import SweepPlan
 from sweeps.space import grid_size, to_tune
-from sweeps.sync_halving import Slots, SyncHalving, rungs
 
 
 def _pbt_interval(plan: SweepPlan) -> int:
@@ -41,16 +44,17 @@ def total_trials(plan: SweepPlan) -> int:
 
 
 def make_scheduler(plan: SweepPlan, slots: Slots | None = None) -> TrialScheduler:
-    """slots: the running-trial limit SyncHalving shares with its PauseAwareGenerator."""
+    """slots: the running-trial limit Halving shares with its PauseAwareGenerator."""
     slots = slots or Slots(1)
     s, t = plan.sweep.scheduler, plan.scored_config().trainer
-    if s.type == "asha":
+    if s.type == "asha" and s.asha_rule == "stop":
         return ASHAScheduler(time_attr="step", max_t=t.steps, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor, brackets=1)
-    if s.type == "hyperband":
-        return SyncHalving(metric=plan.sweep.metric, mode=plan.sweep.mode, max_t=t.steps,
-                           grace=s.grace_period, rf=s.reduction_factor, total=total_trials(plan),
-                           slots=slots, brackets=s.brackets)
+    if s.type in ("asha", "hyperband"):  # check_against_base resolved asha_rule auto
+        return Halving(metric=plan.sweep.metric, mode=plan.sweep.mode, max_t=t.steps,
+                       grace=s.grace_period, rf=s.reduction_factor, total=total_trials(plan),
+                       slots=slots, brackets=s.brackets if s.type == "hyperband" else 1,
+                       synchronous=s.type == "hyperband")
     if s.type == "pbt":
         space = to_tune({k: plan.sweep.space[k] for k in plan.sweep.pbt_mutations})
         mutations = {k: (v["grid_search"] if isinstance(v, dict) and "grid_search" in v else v)
@@ -114,7 +118,7 @@ def scheduler_params(plan: SweepPlan) -> dict[str, Any]:
     """What the sweep's MLflow parent run records about its scheduler."""
     s, t = plan.sweep.scheduler, plan.scored_config().trainer
     if s.type == "asha":
-        return {"scheduler.grace_period": s.grace_period,
+        return {"scheduler.asha_rule": s.asha_rule, "scheduler.grace_period": s.grace_period,
                 "scheduler.reduction_factor": s.reduction_factor,
                 "scheduler.max_t": t.steps, "scheduler.time_attr": "step"}
     if s.type == "hyperband":

@@ -22,6 +22,7 @@ save must not cost a rerun).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,9 @@ class TrialSetup(Tracked):
     parent_run_id: str
     data_context: dict[str, Any] = field(default_factory=dict)  # Ray Data settings to copy
     probe_at: tuple[int, ...] | None = None  # the scheduler's decision steps (decision_steps)
+    # The driver's test-only hooks (HIP_TEST_*, pipeline/train/faults.py): trial processes
+    # of an already running cluster do not inherit the driver's environment.
+    test_env: dict[str, str] = field(default_factory=dict)
 
     def lean(self, cfg: TrainConfig) -> bool:
         """Does this stage run in the trial's own process (one worker, not elastic)?"""
@@ -62,7 +66,8 @@ class TrialSetup(Tracked):
     @property
     def tune_checkpoints(self) -> bool:
         """Schedulers that restore trials from Tune's checkpoints (pause, exploit)."""
-        return self.sweep.scheduler.type in ("hyperband", "pbt")
+        s = self.sweep.scheduler
+        return s.type in ("hyperband", "pbt") or (s.type == "asha" and s.asha_rule == "promote")
 
 
 def trial_runs(uri: str, parent_run_id: str, trial_id: str, stage: str | None = None,
@@ -112,6 +117,7 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     # startup_s counts from the process start, or from here in a reused actor.
     started_at = process_started_at() if _trials_in_this_process == 0 else time.time()
     _trials_in_this_process += 1
+    os.environ.update(setup.test_env)
     ctx = ray.data.DataContext.get_current()
     for key, value in setup.data_context.items():
         setattr(ctx, key, value)

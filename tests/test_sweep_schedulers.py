@@ -63,18 +63,26 @@ def _outcome(uri: str, parent_id: str, scheduler: str):
 
 
 def test_hyperband_cuts_rungs_synchronously_and_resumes_paused_trials(
-        image_shards, ray_session, tmp_path):
+        image_shards, ray_session, tmp_path, monkeypatch):
     """4 learning rates, 8 steps, grace 2, halving: rungs at steps 2 and 4. Two trials run at
     a time, so the first two wait PAUSED at step 2 until the other two have reached it
     (a synchronous cut: no first-arrival promotion); the better half resumes from its Tune
     checkpoint, the better of those runs all 8 steps, and the rest are stopped. The rungs
-    rank by cooled_val_loss (a 1-step cooldown probe at each rung)."""
+    rank by cooled_val_loss (a 1-step cooldown probe at each rung).
+
+    The first trial to finish step 3 dies (its process exits): Tune recovers it from its
+    step-2 checkpoint (sweep.max_failures 1), and the rung at step 4 waits for it. (Tune
+    tells the scheduler "error" then "added" for a recovered trial: taking that for an end
+    once cut the rung without it, and the trial then ran to the end unranked.)"""
+    marker = tmp_path / "fault"
+    monkeypatch.setenv("HIP_TEST_FAULT", f"0:3:{marker}")
     uri, parent_id, _ = _sweep(tmp_path, image_shards, {
         "space": {"optim.lr": {"grid": [3e-3, 1e-3, 1e-5, 1e-6]}},
         "scheduler": {"type": "hyperband", "grace_period": 2, "reduction_factor": 2},
         "resources": {"max_concurrent": 2}, "metric": "cooled_val_loss"},
         trainer__eval_cooldown_steps=1)
     c, parent, runs, live = _outcome(uri, parent_id, "hyperband")
+    assert marker.exists()  # a trial did die at step 3
     assert parent.data.params["resources.lean"] == "true"
     status = {float(r.data.params["optim.lr"]): r.data.tags["hip.sweep_status"] for r in live}
     assert sorted(status.values()) == ["EARLY_STOPPED"] * 3 + ["FINISHED"], status

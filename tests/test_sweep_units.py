@@ -240,17 +240,32 @@ def test_the_rayjob_entrypoint_resumes_its_sweep():
 
 
 def test_schedulers_are_built_from_the_sweep_and_checked_before_ray(tmp_path):
-    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
+    from sweeps.halving import Halving
     from sweeps.schedulers import _Clip, make_scheduler, scheduler_params, warmup_warning
-    from sweeps.sync_halving import SyncHalving
 
     hb = _plan(tmp_path, "scheduler.type=hyperband", "scheduler.brackets=2")
     sync = make_scheduler(hb)
-    assert isinstance(sync, SyncHalving)
+    assert isinstance(sync, Halving) and sync.synchronous
     assert sync.rungs == [[2, 4], [4]]  # grace 2 x rf 2^(b + k), below 6 steps
     assert sync.size == [2, 2]  # 4 grid points dealt round-robin
     assert scheduler_params(hb)["scheduler.max_t"] == 6
+    # ASHA: the paper's promotion rule when trials can pause (tiny: lean, checkpoint at
+    # every eval), Ray's stopping rule when they cannot; an explicit promote is checked.
+    asha = _plan(tmp_path)
+    assert asha.sweep.scheduler.asha_rule == "promote"
+    promote = make_scheduler(asha)
+    assert isinstance(promote, Halving) and not promote.synchronous
+    assert promote.rungs == [[2, 4]] and scheduler_params(asha)["scheduler.asha_rule"] == \
+        "promote"
+    for why in ("trainer.checkpoint_every=6", "resources.lean=false"):
+        stop = _plan(tmp_path, why)
+        assert stop.sweep.scheduler.asha_rule == "stop"
+        assert isinstance(make_scheduler(stop), ASHAScheduler)
+    with pytest.raises(ConfigError, match=r"asha \(asha_rule promote\) restores trials .*"
+                       r"or scheduler.asha_rule: stop"):
+        _plan(tmp_path, "scheduler.asha_rule=promote", "trainer.checkpoint_every=6")
     with pytest.raises(ConfigError, match="hyperband needs searcher.type random"):
         _plan(tmp_path, "scheduler.type=hyperband", "searcher.type=optuna",
               "space={optim.lr: {choice: [0.001, 0.01]}}")

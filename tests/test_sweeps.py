@@ -2,9 +2,12 @@
 file per test), the tiny model on the sample images. No mocks.
 
 The tiny sweep (sweeps/tiny.yaml) runs 4 learning rates, 2 at a time, with ASHA (rungs at
-steps 2 and 4 of 6, halving). The two near-zero learning rates start only after a slot
-frees, i.e. after both good trials have recorded their step-2 val_loss: theirs is the
-untrained model's, worse than both, so ASHA stops them at step 2.
+steps 2 and 4 of 6, halving; the paper's promotion rule, as its trials can pause). The first
+trial at step 2 waits PAUSED (one result, none promotable); the second makes two, and the
+better of them goes on. The two near-zero learning rates start after that: their step-2
+val_loss is the untrained model's, worse than both good trials', so the rung, complete at
+four results, keeps the good two and stops them at step 2. A trial that waited and went on
+resumes as a new MLflow run; the one it left is tagged hip.superseded.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def children(uri: str, parent_id: str) -> list:
                               f"tags.`mlflow.parentRunId` = '{parent_id}'"))
 
 
+def live_children(uri: str, parent_id: str) -> list:
+    """One run per trial: the runs a paused trial left when it resumed are superseded."""
+    return [r for r in children(uri, parent_id) if r.data.tags.get("hip.superseded") != "true"]
+
+
 @pytest.fixture(scope="module")
 def tiny_sweep(image_shards, ray_session, tmp_path_factory):
     """Run sweeps/tiny.yaml once through the CLI; yields (uri, parent run id, stdout)."""
@@ -68,7 +76,7 @@ def test_the_sweep_has_a_parent_run_and_one_child_run_per_trial(tiny_sweep):
     assert p["sweep.metric"] == "val_loss" and p["sweep.mode"] == "min"
     assert p["resources.max_concurrent_trials"] == "2"  # (4 CPUs - 1) // (0.25 + 1)
     assert parent.data.metrics["trials_total"] == 4
-    runs = children(uri, parent_id)
+    runs = live_children(uri, parent_id)
     assert len(runs) == 4
     lrs = set()
     for run in runs:
@@ -90,20 +98,35 @@ def test_the_sweep_has_a_parent_run_and_one_child_run_per_trial(tiny_sweep):
 def test_asha_stops_trials_and_they_are_marked_not_lost(tiny_sweep):
     uri, parent_id, _, root = tiny_sweep
     c = tracking.client(uri)
-    runs = {float(r.data.params["optim.lr"]): r for r in children(uri, parent_id)}
+    runs = {float(r.data.params["optim.lr"]): r for r in live_children(uri, parent_id)}
     stopped = [r for r in runs.values() if r.data.tags.get("hip.early_stopped") == "true"]
     assert stopped, {lr: r.data.tags.get("hip.sweep_status") for lr, r in runs.items()}
     assert {1e-5, 1e-6} <= {float(r.data.params["optim.lr"]) for r in stopped}
     for r in stopped:
         assert r.info.status == "KILLED" and r.data.tags["hip.sweep_status"] == "EARLY_STOPPED"
-        assert int(r.data.tags["hip.stopped_at_step"]) < 6
         assert r.info.end_time is not None
+    # Halved at each rung: the near-zero rates at step 2, the worse good one at step 4.
+    stopped_at = {float(r.data.params["optim.lr"]): int(r.data.tags["hip.stopped_at_step"])
+                  for r in stopped}
+    assert sorted(stopped_at.values()) == [2, 2, 4], stopped_at
+    assert stopped_at[1e-5] == stopped_at[1e-6] == 2
     finished = [r for r in runs.values() if r.data.tags["hip.sweep_status"] == "FINISHED"]
-    assert finished and all(r.info.status == "FINISHED" for r in finished)
-    for r in finished:
-        steps = [m.step for m in c.get_metric_history(r.info.run_id, "val_loss")]
-        assert steps == [2, 4, 6]
-        assert r.data.tags[tracking.CHECKPOINT_TAG]  # closed by run_training, not killed
+    assert len(finished) == 1 and finished[0].info.status == "FINISHED"
+    (winner,) = finished
+    assert winner.data.tags[tracking.CHECKPOINT_TAG]  # closed by run_training, not killed
+    # Trials that waited at a rung came back from their checkpoint, not from step 0: the
+    # trial's runs together evaluated steps 2, 4 and 6 once each.
+    waited = [r for r in runs.values() if "hip.resumed_from_step" in r.data.tags]
+    assert waited, {lr: r.data.tags for lr, r in runs.items()}
+    for r in waited:
+        trial = r.data.tags["hip.trial_id"]
+        steps = sorted(m.step for run in children(uri, parent_id)
+                       if run.data.tags["hip.trial_id"] == trial
+                       for m in c.get_metric_history(run.info.run_id, "val_loss"))
+        assert steps == [s for s in (2, 4, 6) if s <= int(r.data.tags.get(
+            "hip.stopped_at_step", 6))], (trial, steps)
+        loss = [m.step for m in c.get_metric_history(r.info.run_id, "loss")]
+        assert min(loss) == int(r.data.tags["hip.resumed_from_step"]) + 1
     parent = c.get_run(parent_id)
     assert parent.data.metrics["trials_early_stopped"] == len(stopped)
     assert parent.data.metrics["trials_finished"] == len(finished)

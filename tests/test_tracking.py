@@ -43,6 +43,43 @@ def test_runs_record_their_source_and_shards_as_a_dataset(tmp_path):
     assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "training")]
 
 
+def _log_at_once(uri: str, runs: list[str]) -> list[str]:
+    """log_dataset for every run from its own thread, released together -> the errors."""
+    import threading
+
+    barrier, errors = threading.Barrier(len(runs)), []
+
+    def log(run_id: str) -> None:
+        barrier.wait()
+        try:
+            tracking.log_dataset(uri, run_id, MANIFEST, "/data/shards/image")
+        except Exception as e:  # noqa: BLE001 - any failure is the test's finding
+            errors.append(repr(e)[:200])
+
+    threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_runs_starting_together_all_record_the_shared_dataset(tmp_path):
+    """A sweep's first trials log the same shards at once: in a SQL store they race to
+    create the experiment's dataset row, and the loser's insert broke the unique key (a
+    benchmark trial failed with it). 8 threads at a barrier, 5 fresh stores: before the
+    fix most rounds raised."""
+    for round_ in range(5):
+        uri = f"sqlite:///{tmp_path}/race{round_}.db"
+        runs = [tracking.start_run(uri, "race", run_name=f"r{i}", params={}, tags={})
+                for i in range(8)]
+        assert _log_at_once(uri, runs) == []
+        c = tracking.client(uri)
+        for run_id in runs:
+            (inp,) = c.get_run(run_id).inputs.dataset_inputs
+            assert inp.dataset.digest == tracking.manifest_hash(MANIFEST)
+
+
 def test_ui_links_open_the_runs_table(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp = tracking.experiment_id(uri, "exp")
