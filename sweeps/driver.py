@@ -32,7 +32,13 @@ from sweeps.config import SweepConfig, runs_lean
 from sweeps.halving import Halving, PauseAwareGenerator, Slots
 from sweeps.outcomes import TrialOutcome, close_trials, pick_best, record_summary
 from sweeps.plan import SweepPlan
-from sweeps.schedulers import decision_steps, make_scheduler, scheduler_params, warmup_warning
+from sweeps.schedulers import (
+    HALVING_STATE,
+    decision_steps,
+    make_scheduler,
+    scheduler_params,
+    warmup_warning,
+)
 from sweeps.space import format_point, grid_size, to_tune
 from sweeps.trial import TrialSetup, train_trial
 
@@ -205,6 +211,10 @@ def _tuner(plan: SweepPlan, trainable, max_concurrent: int, resume: bool, log):
         return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,
                                   storage_filesystem=fs)
     s = plan.sweep
+    stale = storage.join(plan.sweep_dir, HALVING_STATE)  # from a run Tune cannot restore
+    if storage.exists(stale):
+        fs, path = storage.resolve(stale)
+        fs.rm(path)
     slots = Slots(max_concurrent)
     scheduler = make_scheduler(plan, slots)
     if isinstance(scheduler, Halving):

@@ -23,7 +23,8 @@ records its metric there and waits PAUSED unless promoted:
                 earlier go on regardless) and the rest stop.
 Promoted trials resume from their Tune checkpoint (lean trials: pipeline/train/inprocess.py),
 before any new trial starts. At most `max_running` trials run at once: paused trials do not
-count.
+count. Tune saves no scheduler state, so the decisions go to `state_uri` (the sweep folder's
+halving.json) after every change and come back when a sweep is resumed.
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ class PauseAwareGenerator(BasicVariantGenerator):
             return None
         return super().next_trial()
 
+    def set_state(self, state: dict) -> None:
+        """A resumed sweep restores the generator's saved __dict__; keep the Slots object it
+        shares with the scheduler, not the saved copy."""
+        slots = self.slots
+        super().set_state(state)
+        self.slots = slots
+
 
 def rungs(grace: int, rf: float, max_t: int, brackets: int = 1) -> list[list[int]]:
     """Each bracket's rung steps: grace x rf^(b + k) below max_t (bracket 0 = ASHA's)."""
@@ -67,8 +75,10 @@ def rungs(grace: int, rf: float, max_t: int, brackets: int = 1) -> list[list[int
 class Halving(FIFOScheduler):
     def __init__(self, *, metric: str, mode: str, max_t: int, grace: int, rf: float,
                  total: int, slots: Slots, brackets: int = 1, synchronous: bool = True,
-                 time_attr: str = "step"):
+                 time_attr: str = "step", state_uri: str | None = None):
         super().__init__()
+        self.state_uri = state_uri  # the decisions so far, for a resumed sweep (see _load)
+        self.restored: set[str] = set()  # trials of the saved state not yet added again
         self._metric_name, self.sign = metric, (1.0 if mode == "min" else -1.0)
         self.time_attr, self.rf, self.slots = time_attr, rf, slots
         self.synchronous = synchronous
@@ -86,14 +96,29 @@ class Halving(FIFOScheduler):
     # ---------------------------------------------------------------- bookkeeping
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
-        if trial.trial_id in self.bracket:
+        tid = trial.trial_id
+        if not self.bracket:
+            self._load()
+        self.trials[tid] = trial
+        if tid in self.restored:
+            # A resumed sweep adds every trial again: Tune's ended ones as TERMINATED or
+            # ERROR, the rest as PENDING, and Tune starts every PENDING trial. One waiting
+            # at a rung (or promoted, not yet resumed) is PAUSED again here, before Tune
+            # files it by status; one this scheduler stopped stops at its next report.
+            self.restored.discard(tid)
+            if trial.status in (Trial.TERMINATED, Trial.ERROR):
+                self._ended(tune_controller, trial)
+            elif tid in self.slots.paused or tid in self.go_on:
+                trial.set_status(Trial.PAUSED)
+            return
+        if tid in self.bracket:
             # A recovered trial is added again: it is back, in its bracket, with the rungs
             # it reached.
-            self.gone[self.bracket[trial.trial_id]].discard(trial.trial_id)
+            self.gone[self.bracket[tid]].discard(tid)
             return
         b = len(self.bracket) % len(self.rungs)
-        self.bracket[trial.trial_id], self.next_rung[trial.trial_id] = b, 0
-        self.trials[trial.trial_id] = trial
+        self.bracket[tid], self.next_rung[tid] = b, 0
+        self._save()
 
     def _ended(self, tune_controller, trial: Trial) -> None:
         tid = trial.trial_id
@@ -107,6 +132,41 @@ class Halving(FIFOScheduler):
         k = self.next_rung[tid]
         if k < len(self.rungs[b]):
             self._decide(tune_controller, b, k, current=None)
+        self._save()
+
+    # ---------------------------------------------------------------- resume
+
+    def _save(self) -> None:
+        """Write every decision's inputs to state_uri: Tune does not save a scheduler, and
+        a resumed sweep (hip sweep --resume) must not lose who waits at which rung."""
+        if self.state_uri is None:
+            return
+        from pipeline import storage
+
+        storage.write_json(self.state_uri, {
+            "bracket": self.bracket, "next_rung": self.next_rung,
+            "seen": [[b, k, v] for (b, k), v in self.seen.items()],
+            "promoted": [[b, k, sorted(v)] for (b, k), v in self.promoted.items()],
+            "gone": [[b, sorted(v)] for b, v in self.gone.items()],
+            "decided": sorted([b, k] for b, k in self.decided),
+            "go_on": sorted(self.go_on), "waiting": sorted(self.slots.paused)})
+
+    def _load(self) -> None:
+        from pipeline import storage
+
+        if self.state_uri is None or not storage.exists(self.state_uri):
+            return
+        s = storage.read_json(self.state_uri)
+        self.bracket, self.next_rung = dict(s["bracket"]), dict(s["next_rung"])
+        for b, k, v in s["seen"]:
+            self.seen[(b, k)] = dict(v)
+        for b, k, v in s["promoted"]:
+            self.promoted[(b, k)] = set(v)
+        for b, v in s["gone"]:
+            self.gone[b] = set(v)
+        self.decided = {(b, k) for b, k in s["decided"]}
+        self.go_on, self.slots.paused = set(s["go_on"]), set(s["waiting"])
+        self.restored = set(self.bracket)
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         self._ended(tune_controller, trial)
@@ -127,13 +187,17 @@ class Halving(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         tid = trial.trial_id
         b, k = self.bracket[tid], self.next_rung[tid]
+        if tid in self.gone[b]:
+            return TrialScheduler.STOP  # stopped before the sweep was resumed
         rungs = self.rungs[b]
         if k >= len(rungs) or result.get(self.time_attr, 0) < rungs[k]:
             return TrialScheduler.CONTINUE
         value = result.get(self._metric_name)
         self.seen[(b, k)][tid] = self.sign * float(value) if value is not None else math.inf
         self.next_rung[tid] = k + 1
-        return self._decide(tune_controller, b, k, current=tid)
+        action = self._decide(tune_controller, b, k, current=tid)
+        self._save()
+        return action
 
     def _complete(self, b: int, k: int) -> bool:
         """Can no more trials reach rung (b, k)? Every trial of the bracket reached it or
@@ -179,9 +243,12 @@ class Halving(FIFOScheduler):
                 action = TrialScheduler.STOP if complete else TrialScheduler.PAUSE
                 if action == TrialScheduler.PAUSE:
                     self.slots.paused.add(tid)
-            elif complete and self.trials[tid].status in (Trial.PAUSED, Trial.PENDING):
+            elif complete:  # waiting at the rung: stop it (gone before its next rung)
+                self.gone[b].add(tid)
                 self.slots.paused.discard(tid)
-                tune_controller.stop_trial(self.trials[tid])
+                trial = self.trials.get(tid)  # None: a resumed sweep has not re-added it
+                if trial is not None and trial.status in (Trial.PAUSED, Trial.PENDING):
+                    tune_controller.stop_trial(trial)
         if complete and k + 1 < len(self.rungs[b]):
             self._decide(tune_controller, b, k + 1, current=None)  # may be complete now
         return action
@@ -197,6 +264,7 @@ class Halving(FIFOScheduler):
             trial = max(waiting, key=lambda t: self.next_rung[t.trial_id])
             self.go_on.discard(trial.trial_id)
             self.slots.paused.discard(trial.trial_id)
+            self._save()
             return trial
         return next((t for t in trials if t.status == Trial.PENDING), None)
 

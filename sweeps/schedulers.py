@@ -29,9 +29,12 @@ from ray.tune.schedulers import (
     TrialScheduler,
 )
 
+from pipeline import storage
 from sweeps.halving import Halving, Slots, rungs
 from sweeps.plan import SweepPlan
 from sweeps.space import grid_size, to_tune
+
+HALVING_STATE = "halving.json"  # in the sweep folder: Halving's decisions, for --resume
 
 
 def _pbt_interval(plan: SweepPlan) -> int:
@@ -54,7 +57,8 @@ def make_scheduler(plan: SweepPlan, slots: Slots | None = None) -> TrialSchedule
         return Halving(metric=plan.sweep.metric, mode=plan.sweep.mode, max_t=t.steps,
                        grace=s.grace_period, rf=s.reduction_factor, total=total_trials(plan),
                        slots=slots, brackets=s.brackets if s.type == "hyperband" else 1,
-                       synchronous=s.type == "hyperband")
+                       synchronous=s.type == "hyperband",
+                       state_uri=storage.join(plan.sweep_dir, HALVING_STATE))
     if s.type == "pbt":
         space = to_tune({k: plan.sweep.space[k] for k in plan.sweep.pbt_mutations})
         mutations = {k: (v["grid_search"] if isinstance(v, dict) and "grid_search" in v else v)
@@ -135,4 +139,5 @@ def scheduler_params(plan: SweepPlan) -> dict[str, Any]:
     return {}
 
 
-__all__ = ["decision_steps", "make_scheduler", "scheduler_params", "total_trials", "warmup_warning"]
+__all__ = ["HALVING_STATE", "decision_steps", "make_scheduler", "scheduler_params",
+           "total_trials", "warmup_warning"]

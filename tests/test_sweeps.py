@@ -302,3 +302,64 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert parent.data.metrics["trials_finished"] == 3
     assert sorted(_terminated_trials(tune_dir)) == sorted(
         [*first, *(r.data.tags["hip.trial_id"] for r in live)])
+
+
+def test_a_resumed_asha_sweep_keeps_its_waiting_trials_waiting(
+        image_shards, ray_session, tmp_path):
+    """ASHA's promotion rule keeps trials PAUSED at a rung; Tune saves no scheduler state,
+    so a resumed sweep used to bring them back as new, running them past the rung unranked.
+    3 learning rates one at a time, rung at step 10 of 30 (grace 10, rf 3): the first trial
+    (1e-6, the worst) waits at step 10; the driver dies there; the resumed sweep must keep
+    it waiting (sweeps/halving.py saves its decisions in the sweep folder), run the other
+    two to the rung, and send only the best on."""
+    sweep = tmp_path / "wait.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "wait", "base": str(ROOT / "configs" / "tiny.yaml"), "kind": "pretrain",
+        "overrides": {"trainer.num_workers": 1, "trainer.steps": 30, "trainer.eval_every": 10,
+                      "trainer.checkpoint_every": 10, "optim.warmup_steps": 0},
+        "space": {"optim.lr": {"grid": [1e-6, 2e-3, 1e-3]}},
+        "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 3},
+        "resources": {"max_concurrent": 1}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, "-m", "hip_pipeline.main", "sweep", "--config", str(sweep),
+            f"data.path={image_shards}", f"tracking.uri={uri}", f"storage.path={tmp_path}/ck"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "RAY_DATA_USE_DATASOURCE_V2": "0", "PYTHONUNBUFFERED": "1",
+           "HIP_TEST_STEP_DELAY_S": "0.3"}
+    state = tmp_path / "ck" / "wait" / "halving.json"
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (state.exists() and json.loads(state.read_text() or "{}").get("waiting")):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial waited at the rung in time"
+            time.sleep(0.5)
+        time.sleep(2)  # Tune saves its experiment state (the trial PAUSED) soon after
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    (waiting,) = json.loads(state.read_text())["waiting"]
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming Tune experiment" in resumed.stdout
+    c = tracking.client(uri)
+    parent_id = json.loads((tmp_path / "ck" / "wait" / "sweep.json").read_text())[
+        "parent_run_id"]
+    runs = children(uri, parent_id)
+    live = live_children(uri, parent_id)
+    status = {float(r.data.params["optim.lr"]): r.data.tags["hip.sweep_status"] for r in live}
+    assert sorted(status.values()) == ["EARLY_STOPPED"] * 2 + ["FINISHED"], status
+    assert status[1e-6] == "EARLY_STOPPED"
+    # No trial trained past the rung unless it was sent on: the waiting one never did.
+    last = {}
+    for r in runs:
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "loss")]
+        trial = r.data.tags["hip.trial_id"]
+        last[trial] = max([last.get(trial, 0), *steps])
+    assert last[waiting] == 10, last
+    assert sorted(last.values()) == [10, 10, 30], last
