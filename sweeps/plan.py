@@ -3,7 +3,8 @@ enumerable point of the space (pipeline.train.driver.preflight on the meta devic
 refuse an invalid space with one line before Ray starts.
 
 Storage: <storage.path>/<sweep name>/ holds sweep.json (the parent run id), tune/ (Tune's
-experiment: restored by --resume) and train/<run name>/ (one Ray Train run per trial stage).
+experiment: restored by --resume), halving.json (asha promote / hyperband decisions, which
+Tune does not save) and train/<run name>/ (one Ray Train run per trial stage).
 """
 
 from __future__ import annotations
