@@ -146,6 +146,32 @@ def test_deterministic_data_gives_the_same_run_twice(image_shards, tmp_path):
     assert curves["first"] == curves["second"]
 
 
+def _alive(actor_class: str) -> list:
+    import ray
+
+    # The State API (ray.util.state) needs the dashboard, which the session's Ray lacks.
+    return [a for a in ray._private.state.actors().values()
+            if a["ActorClassName"] == actor_class and a["State"] == "ALIVE"]
+
+
+def test_a_finished_run_leaves_no_train_controller_behind(image_shards, ray_session,
+                                                          tmp_path):
+    """Ray Train's fit() in the main thread installs a SIGINT handler holding its controller
+    actor and never removes it: after `hip pretrain` in a long-lived driver the controller
+    and its DatasetManager stayed alive, and in one CI run the next test's data ingest then
+    found no free CPU and hung. run_training restores the handler."""
+    import time
+
+    before = {a["ActorID"] for a in _alive("TrainController")}
+    run_cli("pretrain", "--config", TINY, f"data.path={image_shards}",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"storage.path={tmp_path}/ck",
+            "trainer.num_workers=1", "trainer.steps=2")
+    deadline = time.monotonic() + 30
+    while [a for a in _alive("TrainController") if a["ActorID"] not in before]:
+        assert time.monotonic() < deadline, "the run's TrainController is still alive"
+        time.sleep(1)
+
+
 def test_local_mode_keeps_checkpoints_and_resumes(image_shards, tmp_path, capsys):
     """trainer.num_workers=0 runs the loop in the driver (Ray Train's local mode, which keeps
     no checkpoints of its own): the loop persists them, keeps num_to_keep, and a rerun of the

@@ -304,7 +304,12 @@ def _sigterm_raises() -> Iterator[None]:
     """While the block runs, SIGTERM raises Terminated, so `finally` blocks and run_training's
     handler close the run as KILLED; the previous handler (Ray's: sys.exit) is restored
     after. Only in the main thread: Tune runs trials' training in other threads, where
-    Python cannot set signal handlers (Tune stops those trials itself)."""
+    Python cannot set signal handlers (Tune stops those trials itself).
+
+    The SIGINT handler is restored too: Ray Train's fit() (2.60) installs one that holds the
+    run's controller actor and never removes it, so the controller and its dataset actors
+    outlived the run in a long-lived driver (a test session: a later run's data ingest then
+    found no free CPU and hung)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -313,10 +318,12 @@ def _sigterm_raises() -> Iterator[None]:
         raise Terminated(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, terminated)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        signal.signal(signal.SIGINT, signal.SIG_DFL if sigint is None else sigint)
 
 
 def _resume_or_restart(cfg: TrainConfig, manifest: dict[str, Any], run_name: str,
