@@ -233,6 +233,35 @@ def _tree(path: Path) -> dict[str, float]:
     return {str(p.relative_to(path)): p.stat().st_mtime for p in path.rglob("*")}
 
 
+def _driver_env(ray_session) -> dict[str, str]:
+    """A sweep driver in a subprocess that joins the session's Ray, so killing it is what a
+    crashed driver looks like to the cluster (its job's actors die), without starting a
+    second Ray on 2 cores. Lean trials take seconds: 0.3 s per step (a test hook the driver
+    hands its trials) keeps the others running while the test looks."""
+    return {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+            "RAY_DATA_USE_DATASOURCE_V2": "0", "PYTHONUNBUFFERED": "1",
+            "HIP_TEST_STEP_DELAY_S": "0.3"}
+
+
+def _kill_driver_when(args: list[str], env: dict[str, str], log_path: Path, ready,
+                      what: str, linger_s: float = 0.0) -> None:
+    """Run the driver until ready() holds (then linger_s more), then SIGKILL its group."""
+    log = log_path.open("w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.5)
+        time.sleep(linger_s)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+
+
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
         image_shards, ray_session, tmp_path):
     sweep = tmp_path / "resume.yaml"
@@ -245,27 +274,10 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [sys.executable, "-m", "hip_pipeline.main", "sweep", "--config", str(sweep),
             f"data.path={image_shards}", f"tracking.uri={uri}", f"storage.path={tmp_path}/ck"]
-    # The driver joins the session's Ray, so killing it is what a crashed driver looks like
-    # to the cluster (its job's actors die), without starting a second Ray on 2 cores.
-    # Lean trials take seconds: 0.3 s per step (a test hook the driver hands its job's
-    # workers) keeps the others running when the first one has finished.
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "RAY_DATA_USE_DATASOURCE_V2": "0", "PYTHONUNBUFFERED": "1",
-           "HIP_TEST_STEP_DELAY_S": "0.3"}
+    env = _driver_env(ray_session)
     tune_dir = tmp_path / "ck" / "resume" / "tune"
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not _terminated_trials(tune_dir):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
-        proc.wait()
-        log.close()
+    _kill_driver_when(args, env, tmp_path / "first.log", lambda: _terminated_trials(tune_dir),
+                      "no trial finished in time")
     # Lean trials are quick: one or two may have finished before the driver died.
     finished = _terminated_trials(tune_dir)
     assert 1 <= len(finished) < 3, finished
@@ -323,24 +335,12 @@ def test_a_resumed_asha_sweep_keeps_its_waiting_trials_waiting(
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [sys.executable, "-m", "hip_pipeline.main", "sweep", "--config", str(sweep),
             f"data.path={image_shards}", f"tracking.uri={uri}", f"storage.path={tmp_path}/ck"]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "RAY_DATA_USE_DATASOURCE_V2": "0", "PYTHONUNBUFFERED": "1",
-           "HIP_TEST_STEP_DELAY_S": "0.3"}
+    env = _driver_env(ray_session)
     state = tmp_path / "ck" / "wait" / "halving.json"
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (state.exists() and json.loads(state.read_text() or "{}").get("waiting")):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial waited at the rung in time"
-            time.sleep(0.5)
-        time.sleep(2)  # Tune saves its experiment state (the trial PAUSED) soon after
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+    # Linger: Tune saves its experiment state (the trial PAUSED) soon after.
+    _kill_driver_when(args, env, tmp_path / "first.log",
+                      lambda: state.exists() and json.loads(state.read_text() or "{}")
+                      .get("waiting"), "no trial waited at the rung in time", linger_s=2)
     (waiting,) = json.loads(state.read_text())["waiting"]
 
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env,
