@@ -217,9 +217,6 @@ class SweepConfig(StrictModel):
         if self.scheduler.type != "none" and "trainer.steps" in self.space:
             raise ValueError(f"{self.scheduler.type}'s horizon is trainer.steps; do not "
                              f"sweep trainer.steps with scheduler.type {self.scheduler.type}")
-        if self.scheduler.type == "hyperband" and self.searcher.type != "random":
-            raise ValueError("scheduler.type hyperband needs searcher.type random (Tune's "
-                             "concurrency limiter would count trials waiting at a rung)")
         if self.scheduler.type == "pbt":
             bad = [k for k in self.pbt_mutations if k not in self.space]
             if bad:
