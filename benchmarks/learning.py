@@ -20,7 +20,7 @@ Arms (val accuracy on the full val split, mean +- std over seeds):
   b  HiP from scratch, full labels (fine-tune config)
   c  HiP fine-tuned from its MAE run (pretrain config on the train split, no labels)
   d  label-scarce: k = 5 and 20 labels per class (seeded subset of train), MAE init (c's MAE
-     model) vs scratch, and logistic regression on the same k raw inputs for scale
+     model) vs scratch, and a's floor (pixels; audio: log-spectrogram) on the same k inputs
   e  linear probe (logistic regression) on frozen backbone features (--probe: learning_runs.
      PROBES; the first kind is the target's), MAE encoder vs a randomly initialised one
   f  the Perceiver with Fourier features from scratch (--perceiver-preset), fine-tune config
@@ -270,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         if "d" in args.arms:
             for k in args.k:
                 sub = lrun.k_shot(tr, k, seed)
-                acc = lrun.raw_accuracy(sub, va, "raw", seed)
+                floor = "raw" if args.modality == "image" else "logspec"
+                acc = lrun.raw_accuracy(sub, va, floor, seed)
                 add(f"d:{k}:logreg", acc=acc, wall=0.0)
-                log(f"seed {seed} d k={k} logreg raw: acc {acc:.3f}")
+                log(f"seed {seed} d k={k} logreg {floor}: acc {acc:.3f}")
                 for name, init in (("mae", mae_state), ("scratch", None)):
                     llrd = args.llrd if (init is not None or args.llrd_all) else None
                     res = lrun.train(ft_cfg, manifest, sub, va, seed=seed, init=init, llrd=llrd)
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             ("c", "c", "HiP from MAE", full)]
     for k in args.k:
         rows += [(f"d:{k}:logreg", "d", "logreg, raw pixels" if args.modality == "image"
-                  else "logreg, raw samples", labels_k[k]),
+                  else "logreg, log-spectrogram", labels_k[k]),
                  (f"d:{k}:mae", "d", "HiP from MAE", labels_k[k]),
                  (f"d:{k}:scratch", "d", "HiP from scratch", labels_k[k])]
     for kind in args.probe:

@@ -172,7 +172,7 @@ def evaluate(model, cfg, spec, val: Split, batch_size: int = 128) -> tuple[float
     with torch.no_grad():
         for i in range(0, len(val), batch_size):
             b = val.batch(slice(i, i + batch_size))
-            x = to_model_input(b, spec)
+            x = to_model_input(b, spec, cfg.data.audio)
             n = b["label"].shape[0]
             if cfg.task == "mae":
                 loss_sum += float(model(x, generator=gen)[0]) * n
@@ -200,7 +200,7 @@ def train(cfg, manifest, train_split: Split, val: Split, *, seed: int,
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    spec = input_spec(manifest)
+    spec = input_spec(manifest, cfg.data.audio)
     model = build_model(cfg, manifest)
     if init is not None:
         load_mae_weights(model, init)
@@ -222,7 +222,7 @@ def train(cfg, manifest, train_split: Split, val: Split, *, seed: int,
             perm, pos = torch.randperm(n, generator=order), 0
         b = train_split.batch(perm[pos:pos + bs])
         pos += bs
-        x = to_model_input(b, spec)
+        x = to_model_input(b, spec, cfg.data.audio)
         if cfg.task == "mae":
             loss = model(x)[0]
         else:
@@ -323,7 +323,7 @@ def frozen_features(cfg, manifest, split: Split, *, seed: int,
     if kind not in PROBES:
         raise ValueError(f"unknown probe {kind!r}; choose one of {list(PROBES)}")
     torch.manual_seed(seed)
-    spec = input_spec(manifest)
+    spec = input_spec(manifest, cfg.data.audio)
     model = build_model(cfg, manifest)
     if init is not None:
         load_mae_weights(model, init)
@@ -340,7 +340,7 @@ def frozen_features(cfg, manifest, split: Split, *, seed: int,
     try:
         with torch.no_grad():
             for i in range(0, len(split), 128):
-                x = to_model_input(split.batch(slice(i, i + 128)), spec)
+                x = to_model_input(split.batch(slice(i, i + 128)), spec, cfg.data.audio)
                 z = backbone(x)  # (B, G, K, D)
                 pre = seen.get("pre", z)
                 if kind == "mean":

@@ -96,7 +96,8 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(image_shards, tmp_path
 
 @pytest.mark.parametrize("modality", ["audio", "video", "audio+video"])
 def test_every_modality_feeds_the_model(modality, sample_dir, ray_session, tmp_path):
-    """Shards of each modality -> Ray Data torch batches -> model input -> MAE and classify."""
+    """Shards of each modality -> Ray Data torch batches -> model input -> MAE and classify
+    (audio as raw samples and as log-spectrogram frames, data.audio.kind)."""
     import torch
 
     from pipeline.data.layout import read_manifest
@@ -121,8 +122,14 @@ def test_every_modality_feeds_the_model(modality, sample_dir, ray_session, tmp_p
     if "audio" in x:  # int16 shards (audio.dtype's default) reach the model in [-1, 1]
         assert batch["audio"].dtype == torch.int16 and x["audio"].dtype == torch.float32
         assert 0 < x["audio"].abs().max() <= 1
-    for task in ("mae", "classify"):
-        cfg = TrainConfig.model_validate({"task": task, "model": {"preset": "hip_tiny"}})
+    kinds = ("raw", "log_spectrogram") if "audio" in x else ("raw",)
+    for task, kind in [(t, k) for t in ("mae", "classify") for k in kinds]:
+        cfg = TrainConfig.model_validate({"task": task, "model": {"preset": "hip_tiny"},
+                                          "data": {"audio": {"kind": kind}}})
+        spec = input_spec(manifest, cfg.data.audio)
+        x = to_model_input(batch, spec, cfg.data.audio)
+        if kind == "log_spectrogram":  # 2,000 samples -> 1 + 2000 // 128 frames of 129 bins
+            assert x["audio"].shape == (4, 16, 129)
         model = build_model(cfg, manifest)
         out_ = model(x)
         value = out_[0] if task == "mae" else torch.nn.functional.cross_entropy(

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config, read_yaml
-from pipeline.train.batches import input_spec, to_model_input, to_pixels
+from pipeline.train.batches import input_spec, log_spectrogram, to_model_input, to_pixels
 from pipeline.train.build import build_model, layer_depth, lr_factor, make_optimizer
 from pipeline.train.checkpoints import load_state, make_state, save_state
-from pipeline.train.config import TrainConfig, resolve_paths
+from pipeline.train.config import AudioFeatures, TrainConfig, resolve_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml"))
@@ -116,6 +116,48 @@ def test_batches_become_normalised_model_inputs_and_back():
     av = {"modality": "audio+video", "columns": {"video": {"shape": [2, 4, 4, 3]},
                                                  "audio": {"shape": [100]}}}
     assert input_spec(av) == {"video": (32, 3), "audio": (100, 1)}
+
+
+def test_log_spectrogram_tokens_hold_each_frames_spectrum():
+    """data.audio.kind=log_spectrogram: (B, T) -> (B, 1 + T // hop, window // 2 + 1) frames,
+    standardised per clip; a tone's energy sits in its own bin in every frame, and int16
+    shards give the features float shards give (tones in a little noise, like recordings:
+    a pure tone's -100 dB floor bins would differ by int16 rounding)."""
+    sr, window, hop = 8000, 256, 128
+    feats = AudioFeatures(kind="log_spectrogram", window=window, hop=hop)
+    t = torch.arange(2000) / sr
+    tones = torch.stack([0.5 * torch.sin(2 * torch.pi * f * t) for f in (500.0, 1500.0)])
+    tones += 0.01 * torch.randn(tones.shape, generator=torch.Generator().manual_seed(0))
+    manifest = {"modality": "audio", "columns": {"audio": {"shape": [2000]}}}
+    spec = input_spec(manifest, feats)
+    assert spec == {"audio": (1 + 2000 // hop, window // 2 + 1)} == {"audio": (16, 129)}
+    x = to_model_input({"audio": tones}, spec, feats)["audio"]
+    assert x.shape == (2, 16, 129)
+    # Bin k holds k * sr / window Hz: 500 Hz -> bin 16, 1500 Hz -> bin 48, in every frame
+    # (the first, centred on the reflected clip start, within one bin).
+    assert (x[:, 1:].argmax(-1) == torch.tensor([[16], [48]])).all()
+    assert ((x[:, 0].argmax(-1) - torch.tensor([16, 48])).abs() <= 1).all()
+    torch.testing.assert_close(x.mean(dim=(1, 2)), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=(1, 2)), torch.ones(2), atol=1e-4, rtol=0)
+    # Louder is the same clip after per-clip standardisation (level is not a feature).
+    torch.testing.assert_close(log_spectrogram(0.1 * tones, window, hop),
+                               log_spectrogram(tones, window, hop), atol=1e-2, rtol=0)
+    stored = torch.round(tones * 32767).to(torch.int16)
+    diff = (to_model_input({"audio": stored}, spec, feats)["audio"] - x).abs()
+    assert diff.mean() < 1e-3 and diff.max() < 0.1  # rounding moves only near-empty bins
+    assert input_spec(manifest) == {"audio": (2000, 1)}  # raw samples stay the default
+
+
+def test_audio_feature_settings_are_checked():
+    with pytest.raises(ValueError, match="hop .* must not exceed window"):
+        AudioFeatures(kind="log_spectrogram", window=64, hop=128)
+    manifest = {"modality": "audio", "columns": {"audio": {"shape": [100]}}}
+    with pytest.raises(ValueError, match="window=256 is longer than the clips"):
+        input_spec(manifest, AudioFeatures(kind="log_spectrogram"))
+    cfg = TrainConfig.model_validate({"data": {"audio": {"kind": "log_spectrogram"}}})
+    with pytest.raises(ValueError, match="longer than the clips"):  # preflight's JobError
+        with torch.device("meta"):
+            build_model(cfg, {**manifest, "classes": ["a", "b"]})
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):

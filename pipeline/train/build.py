@@ -20,8 +20,8 @@ from pipeline.train.config import TrainConfig
 def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> torch.nn.Module:
     """The `cfg.model.preset` for the manifest's columns and classes and `cfg.task`."""
     num_classes = max(1, len(manifest.get("classes") or []))
-    return create_model(cfg.model.preset, inputs=input_spec(manifest), task=cfg.task,
-                        num_classes=num_classes, head=cfg.model.head,
+    return create_model(cfg.model.preset, inputs=input_spec(manifest, cfg.data.audio),
+                        task=cfg.task, num_classes=num_classes, head=cfg.model.head,
                         mask_ratio=cfg.mae.mask_ratio, masking=cfg.mae.masking,
                         target_norm=cfg.mae.target_norm, **cfg.model.overrides)
 

@@ -18,6 +18,26 @@ from pipeline.config import StrictModel
 from pipeline.constants import DEFAULT_CHECKPOINTS, DEFAULT_TRACKING_URI, Modality
 
 
+class AudioFeatures(StrictModel):
+    """What the model sees of an audio column (pipeline/train/batches.py `audio_tokens`)."""
+
+    kind: Literal["raw", "log_spectrogram"] = Field("raw", description=(
+        "raw: one token per sample (T, 1), as in the HiP paper; log_spectrogram: one token per "
+        "STFT frame, its log power in window // 2 + 1 bins, standardised per clip "
+        "(1 + T // hop tokens): what a small model on a small budget learns from "
+        "(docs/audio-features.md)"))
+    window: int = Field(256, ge=4, description="log_spectrogram: samples per Hann-windowed "
+                        "frame (256 = 32 ms at 8 kHz, 16 ms at 16 kHz)")
+    hop: int = Field(128, ge=1, description="log_spectrogram: samples between frames")
+
+    @model_validator(mode="after")
+    def _hop(self) -> AudioFeatures:
+        if self.hop > self.window:
+            raise ValueError(f"hop ({self.hop}) must not exceed window ({self.window}): "
+                             "samples between frames would never be seen")
+        return self
+
+
 class DataSection(StrictModel):
     path: str = Field("data/shards/image", description="shards folder/URI written by "
                       "`hip preprocess` (holds manifest.json, train/, val/)")
@@ -34,6 +54,8 @@ class DataSection(StrictModel):
         "a lean sweep trial (one worker, in the trial's process) reads a split of at most "
         "this many MB of shards into memory with pyarrow instead of opening a Ray Dataset "
         "(no read tasks; a full shuffle per epoch); 0 = always Ray Data"))
+    audio: AudioFeatures = Field(default_factory=AudioFeatures, description=(
+        "model input of audio columns: raw samples or log-spectrogram frames"))
 
 
 class ModelSection(StrictModel):

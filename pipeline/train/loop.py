@@ -152,7 +152,7 @@ def setup(args: WorkerArgs, session: Session) -> Run:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.trainer.seed + ctx.rank)
     task = make_task(cfg.task, label_smoothing=cfg.optim.label_smoothing)
-    spec = input_spec(ctx.manifest)
+    spec = input_spec(ctx.manifest, cfg.data.audio)
     model = build_model(cfg, ctx.manifest)
     if args.init_weights is not None:
         _init_weights(model, args, ctx)
@@ -299,7 +299,8 @@ def _optimizer_step(run: Run, micro: list[dict[str, Any]], seed: int) -> float:
     loss_value = 0.0
     for batch in micro:
         with _autocast(ctx):
-            out = run.task.forward(run.model, to_model_input(batch, run.spec))
+            x = to_model_input(batch, run.spec, cfg.data.audio)
+            out = run.task.forward(run.model, x)
         loss = run.task.loss(out, batch) / len(micro)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {run.step} on "
@@ -327,7 +328,7 @@ def evaluate(run: Run, *, samples: bool = True) -> dict[str, float]:
     first = True
     with torch.no_grad():
         for batch in _batches(run.val_ds, ctx, task.columns(list(run.spec)), train=False):
-            x = to_model_input(batch, run.spec)
+            x = to_model_input(batch, run.spec, ctx.cfg.data.audio)
             with _autocast(ctx):
                 out = task.forward(run.model, x, generator=gen)
             n = next(iter(batch.values())).shape[0]
