@@ -77,8 +77,14 @@ def _wait_for(what: str, check, job: subprocess.Popen, timeout: float, log: Path
 def test_elastic_run_survives_losing_a_node_and_grows_back(image_shards, tmp_path):
     port = free_port()
     temp = Path(f"/tmp/hipel-{port}")  # short: Ray's unix socket paths have a length limit
+    # The GCS marks a killed node dead after health_check_period x failure_threshold (3 s x 5
+    # by default): until then Train sees room for two workers, tries, and waits out
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) before settling for one. 0.5 s x 3 here,
+    # and a 20 s start timeout as the fallback (both cut ~75 s of the test's ~230 s).
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{BIN}:{os.environ['PATH']}"}
+           "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_health_check_period_ms": "500",
+           "RAY_health_check_failure_threshold": "3",
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
     env.pop("RAY_ADDRESS", None)
     head = _node(["--head", "--port", str(port), "--num-cpus", "3", "--resources",
                   '{"slot": 1}', "--include-dashboard", "false", "--temp-dir", str(temp)],
