@@ -195,6 +195,7 @@ def train(cfg, manifest, train_split: Split, val: Split, *, seed: int,
     import torch.nn.functional as F
 
     from models import load_mae_weights
+    from pipeline.train.augment import augment
     from pipeline.train.batches import input_spec, to_model_input
     from pipeline.train.build import build_model, lr_factor, make_optimizer
 
@@ -222,7 +223,7 @@ def train(cfg, manifest, train_split: Split, val: Split, *, seed: int,
             perm, pos = torch.randperm(n, generator=order), 0
         b = train_split.batch(perm[pos:pos + bs])
         pos += bs
-        x = to_model_input(b, spec, cfg.data.audio)
+        x = to_model_input(augment(b, cfg.data.augment), spec, cfg.data.audio)
         if cfg.task == "mae":
             loss = model(x)[0]
         else:

@@ -250,6 +250,29 @@ def test_a_resumed_run_equals_the_uninterrupted_run(image_shards, tmp_path, monk
                                   "state.pt")["data"] == {"epoch": 0, "batch": 4, "world": 1}
 
 
+def test_data_augment_reaches_the_train_step_and_replays_exactly(image_shards, tmp_path,
+                                                                one_thread):
+    """Local mode, data.deterministic, classify: with data.augment on and off the first step
+    sees the same rows and starts from the same weights, so its loss differs only if the
+    loop augmented the batch; a rerun with augmentation logs the same loss (the step seed
+    fixes the draw, so a replayed or resumed step augments as before), and the setting is
+    an MLflow param."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["finetune", "--config", TINY, f"data.path={image_shards}", f"tracking.uri={uri}",
+              f"storage.path={tmp_path}/ck", "trainer.num_workers=0", "data.deterministic=true",
+              "trainer.steps=2", "trainer.checkpoint_every=2", "trainer.eval_every=2"]
+    on = ["data.augment.shift=3", "data.augment.flip=true"]
+    for name, extra in (("plain", []), ("aug", on), ("aug-again", on)):
+        run_cli(*common, *extra, f"tracking.run_name={name}")
+    c = tracking.client(uri)
+    runs = {r.info.run_name: r for r in c.search_runs(
+        [c.get_experiment_by_name("hip-tiny").experiment_id])}
+    loss = {k: loss_history(uri, r.info.run_id)[1] for k, r in runs.items()}
+    assert loss["aug"] != loss["plain"]
+    assert loss["aug"] == loss["aug-again"]
+    assert runs["aug"].data.params["data.augment.shift"] == "3"
+
+
 def test_the_train_stream_resumes_across_epochs():
     """loop._batches with a saved position continues exactly where the interrupted stream
     would have: inside an epoch, at an epoch's last batch and in a later epoch (the local

@@ -38,6 +38,16 @@ class AudioFeatures(StrictModel):
         return self
 
 
+class Augment(StrictModel):
+    """Train-time augmentation of images and video frames (pipeline/train/augment.py)."""
+
+    shift: int = Field(0, ge=0, description=(
+        "move each training image by a random whole-pixel offset in [-shift, shift] along "
+        "each axis (edge pixels repeat into the gap); 0 = off"))
+    flip: bool = Field(False, description=(
+        "mirror half of the training images left-right (not for digits or text)"))
+
+
 class DataSection(StrictModel):
     path: str = Field("data/shards/image", description="shards folder/URI written by "
                       "`hip preprocess` (holds manifest.json, train/, val/)")
@@ -56,6 +66,8 @@ class DataSection(StrictModel):
         "(no read tasks; a full shuffle per epoch); 0 = always Ray Data"))
     audio: AudioFeatures = Field(default_factory=AudioFeatures, description=(
         "model input of audio columns: raw samples or log-spectrogram frames"))
+    augment: Augment = Field(default_factory=Augment, description=(
+        "train batches only: random shifts / mirrors of images and video frames"))
 
 
 class ModelSection(StrictModel):

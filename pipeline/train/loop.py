@@ -32,6 +32,7 @@ from models import load_mae_weights
 from pipeline import run_logger, storage, tracking
 from pipeline.config import config_to_dict
 from pipeline.train import checkpoints
+from pipeline.train.augment import augment
 from pipeline.train.batches import input_spec, to_model_input, to_pixels
 from pipeline.train.build import build_model, lr_factor, make_optimizer, make_scheduler
 from pipeline.train.config import TrainConfig
@@ -299,7 +300,7 @@ def _optimizer_step(run: Run, micro: list[dict[str, Any]], seed: int) -> float:
     loss_value = 0.0
     for batch in micro:
         with _autocast(ctx):
-            x = to_model_input(batch, run.spec, cfg.data.audio)
+            x = to_model_input(augment(batch, cfg.data.augment), run.spec, cfg.data.audio)
             out = run.task.forward(run.model, x)
         loss = run.task.loss(out, batch) / len(micro)
         if not torch.isfinite(loss):
