@@ -242,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in kw.items():
             row.setdefault(k, []).append(v)
 
-    # (a) the floor: deterministic, so once
+    # (a) the floor: deterministic, so once (audio: log-spectrogram, also d's floor; raw too)
+    floor_kinds = ["raw"] if args.modality == "image" else ["logspec", "raw"]
     if "a" in args.arms:
-        kinds = ["raw"] if args.modality == "image" else ["logspec", "raw"]
-        for kind in kinds:
+        for kind in floor_kinds:
             t0 = time.perf_counter()
             acc = lrun.raw_accuracy(tr, va, kind)
             add(f"a:{kind}", acc=acc, wall=time.perf_counter() - t0)
@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if "d" in args.arms:
             for k in args.k:
                 sub = lrun.k_shot(tr, k, seed)
-                floor = "raw" if args.modality == "image" else "logspec"
-                acc = lrun.raw_accuracy(sub, va, floor, seed)
+                acc = lrun.raw_accuracy(sub, va, floor := floor_kinds[0], seed)
                 add(f"d:{k}:logreg", acc=acc, wall=0.0)
                 log(f"seed {seed} d k={k} logreg {floor}: acc {acc:.3f}")
                 for name, init in (("mae", mae_state), ("scratch", None)):
