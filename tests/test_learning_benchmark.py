@@ -32,3 +32,28 @@ def test_learning_benchmark_prints_every_arm(ray_session, tmp_path, capsys):
     assert {"a:raw", "b", "c", "d:1:mae", "d:1:scratch", "e:mae", "e:random", "f",
             "mae"} <= set(saved["results"])
     assert len(saved["results"]["b"]["history"][0]) == 2  # an eval at each of the 2 steps
+
+
+def test_learning_benchmark_on_audio_events_uses_log_spectrogram_floors(ray_session, tmp_path,
+                                                                        capsys):
+    """benchmarks/audio_events.py's clips (deterministic per seed) through the audio arms:
+    the quickstart configs feed log-spectrogram frames, and a and d report the regression on
+    log-spectrograms."""
+    import numpy as np
+
+    from benchmarks import audio_events, learning
+
+    rng = [np.random.default_rng(np.random.SeedSequence([0, 3, 1])) for _ in range(2)]
+    clips = [audio_events.make_clip(r, 3, 10, 4000, 0.5) for r in rng]
+    assert clips[0].dtype == np.float32 and clips[0].shape == (2000,)
+    assert np.array_equal(clips[0], clips[1]) and 0.5 < np.abs(clips[0]).max() <= 0.9 + 1e-6
+    audio_events.write(tmp_path / "raw", per_class=3, sample_rate=4000, seconds=0.5, seed=0)
+    learning.main(["--modality", "audio", "--data", str(tmp_path / "raw" / "audio"),
+                   "--sample-rate", "4000", "--seconds", "0.5", "--arms", "a,d",
+                   "--seeds", "1", "--pretrain-steps", "2", "--finetune-steps", "2", "--k", "1",
+                   "--threads", "1", "--workdir", str(tmp_path / "work"),
+                   "--preprocess-set", "split.val_fraction=0.3", "optim.warmup_steps=1"])
+    text = capsys.readouterr().out
+    assert "logreg, log-spectrogram (floor)" in text and "| d | logreg, log-spectrogram |" in text
+    pre, ft, _ = learning.load_configs(learning.parse_args(["--modality", "audio"]))
+    assert pre.data.audio.kind == ft.data.audio.kind == "log_spectrogram"
