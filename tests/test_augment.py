@@ -1,11 +1,12 @@
-"""data.augment: per-example shifts and mirrors of uint8 images and video clips."""
+"""data.augment: per-example shifts and mirrors of uint8 images and video clips, and time
+shifts of audio clips."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.train.augment import augment, shift_and_flip
+from pipeline.train.augment import augment, shift_and_flip, time_shift
 from pipeline.train.config import Augment, TrainConfig
 
 
@@ -56,7 +57,7 @@ def test_video_frames_of_a_clip_move_alike_and_the_seed_fixes_the_draw():
 
 
 def test_augment_touches_only_pixel_columns_and_is_off_by_default():
-    assert TrainConfig().data.augment == Augment(shift=0, flip=False)
+    assert TrainConfig().data.augment == Augment(shift=0, flip=False, time_shift=0.0)
     x, labels = _dots(4), torch.arange(4)
     same = augment({"image": x, "label": labels}, Augment())
     assert same["image"] is x
@@ -67,3 +68,37 @@ def test_augment_touches_only_pixel_columns_and_is_off_by_default():
     assert not torch.equal(out["image"], _dots(64))
     with pytest.raises(ValueError):
         Augment(shift=-1)
+
+
+def _clicks(b: int, t: int = 100, dtype=torch.int16) -> torch.Tensor:
+    """(B, T) silent clips with one full-scale click at T // 2 and a quieter one at 10."""
+    x = torch.zeros(b, t, dtype=dtype)
+    x[:, t // 2] = 32767 if dtype == torch.int16 else 1.0
+    x[:, 10] = 1000 if dtype == torch.int16 else 0.03
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.float32])
+def test_each_clip_moves_by_its_own_offset_and_silence_fills_the_gap(dtype):
+    torch.manual_seed(0)
+    x = _clicks(512, dtype=dtype)
+    out = time_shift(x, 0.2)  # up to 20 samples of 100, either way
+    assert out.dtype == dtype and out.shape == x.shape
+    moved = out.abs().float().argmax(1) - 50  # where the loud click went
+    assert moved.abs().max() == 20 and len(set(moved.tolist())) == 41  # every offset drawn
+    quiet = (out.abs().float() > 0).sum(1) - 1  # the quiet click at 10 survives moves >= -10
+    assert torch.equal(quiet, (moved >= -10).long())
+    assert set(out.unique().tolist()) <= set(x.unique().tolist())  # samples moved, not mixed
+    torch.manual_seed(0)
+    assert torch.equal(time_shift(x, 0.2), out)  # same step seed, same shifts
+    assert time_shift(x, 0.001) is x  # under one sample: nothing to do
+
+
+def test_augment_shifts_audio_only_when_asked():
+    torch.manual_seed(0)
+    x, labels = _clicks(64), torch.arange(64)
+    assert augment({"audio": x, "label": labels}, Augment(shift=3))["audio"] is x
+    out = augment({"audio": x, "label": labels}, Augment(time_shift=0.3))
+    assert out["label"] is labels and not torch.equal(out["audio"], x)
+    with pytest.raises(ValueError):
+        Augment(time_shift=1.0)

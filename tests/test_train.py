@@ -122,6 +122,13 @@ def test_every_modality_feeds_the_model(modality, sample_dir, ray_session, tmp_p
     if "audio" in x:  # int16 shards (audio.dtype's default) reach the model in [-1, 1]
         assert batch["audio"].dtype == torch.int16 and x["audio"].dtype == torch.float32
         assert 0 < x["audio"].abs().max() <= 1
+    if modality == "audio+video":  # a time shift would move the sound against the pictures
+        from pipeline.train.driver import JobError, preflight
+
+        shifted = TrainConfig.model_validate({"data": {"path": str(out),
+                                                       "augment": {"time_shift": 0.1}}})
+        with pytest.raises(JobError, match="time_shift would move the sound against"):
+            preflight(shifted)
     kinds = ("raw", "log_spectrogram") if "audio" in x else ("raw",)
     for task, kind in [(t, k) for t in ("mae", "classify") for k in kinds]:
         cfg = TrainConfig.model_validate({"task": task, "model": {"preset": "hip_tiny"},

@@ -1,10 +1,10 @@
-"""Train-time augmentation of image and video batches (`data.augment`), on raw uint8 tensors.
+"""Train-time augmentation (`data.augment`), on the raw shard tensors of a train batch.
 
-Shapes: image (B, H, W, C), video (B, F, H, W, C); every frame of a clip moves alike. Each
-example draws its own offset (and mirror) from torch's global generator, which the loop
-reseeds from (seed, rank, step) before every step, so a replayed or resumed step augments
-exactly as before. Pure indexing (two gathers): no Python loop over examples, any device.
-Evaluation never augments.
+Shapes: image (B, H, W, C) and video (B, F, H, W, C) uint8, every frame of a clip moved
+alike; audio (B, T) int16 or float samples. Each example draws its own offset (and mirror)
+from torch's global generator, which the loop reseeds from (seed, rank, step) before every
+step, so a replayed or resumed step augments exactly as before. Pure indexing (gathers): no
+Python loop over examples, any device. Evaluation never augments.
 """
 
 from __future__ import annotations
@@ -37,10 +37,25 @@ def shift_and_flip(x: torch.Tensor, shift: int, flip: bool) -> torch.Tensor:
     return torch.gather(x, x.ndim - 2, cols.reshape(b, *lead, 1, w, 1).expand_as(x))
 
 
+def time_shift(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Move each clip of (B, T) samples by a whole-sample offset in [-s, s], s = fraction * T
+    (positive = later); zeros (silence) fill the gap, samples moved past an end are dropped."""
+    s = int(fraction * x.shape[1])
+    if not s:
+        return x
+    b, t = x.shape
+    src = torch.arange(t, device=x.device) - torch.randint(-s, s + 1, (b, 1), device=x.device)
+    inside = (src >= 0) & (src < t)  # (B, T): out[:, i] = x[:, src[:, i]] where inside
+    moved = torch.gather(x, 1, src.clamp(0, t - 1))
+    return torch.where(inside, moved, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def augment(batch: Mapping[str, torch.Tensor], cfg: Augment) -> dict[str, torch.Tensor]:
-    """A train batch with its pixel columns augmented (other columns as they are)."""
+    """A train batch with its pixel and audio columns augmented (labels as they are)."""
     out = dict(batch)
     for name in PIXEL_COLUMNS:
         if name in out:
             out[name] = shift_and_flip(out[name], cfg.shift, cfg.flip)
+    if cfg.time_shift and "audio" in out:
+        out["audio"] = time_shift(out["audio"], cfg.time_shift)
     return out

@@ -39,13 +39,19 @@ class AudioFeatures(StrictModel):
 
 
 class Augment(StrictModel):
-    """Train-time augmentation of images and video frames (pipeline/train/augment.py)."""
+    """Train-time augmentation of images, video frames and audio clips
+    (pipeline/train/augment.py)."""
 
     shift: int = Field(0, ge=0, description=(
         "move each training image by a random whole-pixel offset in [-shift, shift] along "
         "each axis (edge pixels repeat into the gap); 0 = off"))
     flip: bool = Field(False, description=(
         "mirror half of the training images left-right (not for digits or text)"))
+    time_shift: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "move each training audio clip earlier or later by a random offset of up to this "
+        "fraction of its length (silence fills the gap; applied to the samples, before "
+        "any log-spectrogram); 0 = off; not for audio+video, where it would move the sound "
+        "against the pictures"))
 
 
 class DataSection(StrictModel):

@@ -69,6 +69,9 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     if cfg.data.modality and cfg.data.modality != modality:
         raise JobError(f"data.modality is {cfg.data.modality!r} but {cfg.data.path} holds "
                        f"{modality!r}")
+    if cfg.data.augment.time_shift and modality == "audio+video":
+        raise JobError("data.augment.time_shift would move the sound against the pictures "
+                       f"of {cfg.data.path} (audio+video); set it to 0")
     if not manifest.get("splits", {}).get(cfg.data.train_split):
         raise JobError(f"{cfg.data.path} has no {cfg.data.train_split!r} rows")
     rows = manifest["splits"][cfg.data.train_split]
