@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -57,3 +59,27 @@ def serving(cmd: list[str], log_path: Path, health_url: str, *, start_timeout: f
             proc.wait(timeout=stop_timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+RAY_NODE_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
+
+def stop_ray_nodes(*procs: subprocess.Popen | None, grace: float = 30) -> None:
+    """Stop `ray start --block` nodes (each started with start_new_session=True and
+    RAY_NODE_ENV in its environment).
+
+    SIGTERM goes to the `ray start` process, which stops its own raylet, GCS and workers.
+    Since Ray 2.5x a node first drains for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s)
+    until it is idle, which a head with job or dashboard actors never is; these test
+    clusters are their test's alone, so RAY_NODE_ENV turns the drain off. Whatever is left
+    after `grace` seconds is killed with its process group."""
+    live = [p for p in procs if p is not None and p.poll() is None]
+    for proc in live:
+        proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in live:
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of a node that stopped, or not
+        proc.wait(timeout=30)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from netutil import free_port, start_logged
+from netutil import RAY_NODE_ENV, free_port, start_logged, stop_ray_nodes
 
 from pipeline import tracking
 
@@ -34,12 +35,21 @@ def _node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
         log, env=env, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
+def _kill(proc: subprocess.Popen) -> None:
+    """A preempted node: its raylet, GCS and workers gone at once."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the head's GCS accepts connections (a second node started earlier gives up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"the Ray head did not listen on {port} (rc {proc.poll()})")
 
 
 def _wait_nodes(port: int, n: int, env: dict[str, str], timeout: float = 120) -> None:
@@ -80,18 +90,20 @@ def test_elastic_run_survives_losing_a_node_and_grows_back(image_shards, tmp_pat
     # The GCS marks a killed node dead after health_check_period x failure_threshold (3 s x 5
     # by default): until then Train sees room for two workers, tries, and waits out
     # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) before settling for one. 0.5 s x 3 here,
-    # and a 20 s start timeout as the fallback (both cut ~75 s of the test's ~230 s).
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    # and a 10 s start timeout as the fallback (the timeout only bounds waiting for the
+    # placement group, which live nodes grant at once).
+    env = {**os.environ, **RAY_NODE_ENV, "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_health_check_period_ms": "500",
            "RAY_health_check_failure_threshold": "3",
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
     env.pop("RAY_ADDRESS", None)
     head = _node(["--head", "--port", str(port), "--num-cpus", "3", "--resources",
                   '{"slot": 1}', "--include-dashboard", "false", "--temp-dir", str(temp)],
                  tmp_path / "head.log", env)
     second = third = job = None
     try:
-        time.sleep(5)
+        _wait_port(port, head)
         second = _node(["--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--resources",
                         '{"slot": 1}'], tmp_path / "node2.log", env)
         _wait_nodes(port, 2, env)  # so the run starts with two workers, not one
@@ -102,7 +114,7 @@ def test_elastic_run_survives_losing_a_node_and_grows_back(image_shards, tmp_pat
             [str(BIN / "hip"), "pretrain", "--config", "configs/tiny.yaml",
              f"data.path={image_shards}", f"tracking.uri={uri}", "tracking.experiment=el",
              f"storage.path={tmp_path}/ck", "trainer.num_workers=[1, 2]",
-             "trainer.max_failures=-1", "trainer.elastic_check_s=5",
+             "trainer.max_failures=-1", "trainer.elastic_check_s=2",
              "trainer.resources_per_worker={CPU: 1, slot: 1}", "optim.batch_size=4",
              "trainer.steps=100", "trainer.checkpoint_every=5", "trainer.eval_every=5",
              "trainer.log_every=1"], log, env=job_env, cwd=ROOT)
@@ -113,16 +125,16 @@ def test_elastic_run_survives_losing_a_node_and_grows_back(image_shards, tmp_pat
             return [s for s, w in _world_sizes(uri, "el") if w == world and s > after]
 
         two = _wait_for("two workers", lambda: reached(2), job, 240, log)
-        _stop(second, signal.SIGKILL)  # a preempted node: raylet and workers gone at once
+        _kill(second)
         one = _wait_for("training on one worker", lambda: reached(1, max(two)), job, 240, log)
         third = _node(["--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--resources",
                        '{"slot": 1}'], tmp_path / "node3.log", env)
         _wait_for("two workers again", lambda: reached(2, max(one)), job, 240, log)
         assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
-        for proc in (job, third, second, head):
-            if proc is not None and proc.poll() is None:
-                _stop(proc)
+        if job is not None and job.poll() is None:
+            job.kill()
+        stop_ray_nodes(third, second, head)
     sizes = _world_sizes(uri, "el")
     steps = [s for s, _ in sizes]
     assert set(steps) == set(range(1, 101))  # every step, to the end

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from netutil import free_port, start_logged, wait_http
+from netutil import RAY_NODE_ENV, free_port, start_logged, stop_ray_nodes, wait_http
 
 from pipeline import tracking
 
@@ -24,8 +23,8 @@ def ray_cluster(tmp_path):
     leaving the test session's own Ray alone (`ray stop` would kill every Ray here)."""
     port, dash = free_port(), free_port()
     temp = Path(f"/tmp/hipray-{port}")  # short: Ray's unix socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **RAY_NODE_ENV, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = start_logged(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -42,15 +41,7 @@ def ray_cluster(tmp_path):
         wait_http(f"http://127.0.0.1:{dash}/api/version", 120, proc)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        # `ray start --block` shuts its head down gracefully on SIGTERM, which took ~33 s in
-        # CI; the cluster is this test's alone (its own temp dir and ports), so 10 s is all
-        # the grace it gets before the whole process group is killed.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_ray_nodes(proc)
 
 
 def test_ray_job_submit_runs_hip_pretrain(ray_cluster, image_shards, tmp_path):
