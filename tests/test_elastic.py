@@ -42,7 +42,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    """Until the head's GCS accepts connections (a second node started earlier gives up)."""
+    """Until the head's GCS accepts connections: a node started before that may give up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         with socket.socket() as s:
