@@ -61,18 +61,29 @@ def serving(cmd: list[str], log_path: Path, health_url: str, *, start_timeout: f
             proc.kill()
 
 
-RAY_NODE_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+def start_ray_node(ray: Path, args: list[str], log_path: Path, env: dict[str, str], *,
+                   object_store_mb: int = 200) -> subprocess.Popen:
+    """One `ray start --block` node on loopback, in its own session (stop_ray_nodes stops it
+    with its process group). Its agent, metrics and runtime-env ports are free ones: the
+    defaults (52365...) may be held by the test session's Ray, and a head whose job agent
+    cannot bind accepts no jobs. Since Ray 2.5x a node drains on SIGTERM for up to
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s) until it is idle, which a head with job or
+    dashboard actors never is; these clusters are their test's alone, so the drain is off."""
+    return start_logged(
+        [str(ray), "start", "--block", "--node-ip-address", "127.0.0.1",
+         "--dashboard-agent-listen-port", str(free_port()),
+         "--dashboard-agent-grpc-port", str(free_port()),
+         "--metrics-export-port", str(free_port()),
+         "--runtime-env-agent-port", str(free_port()),
+         "--object-store-memory", str(object_store_mb * 1024**2), *args],
+        log_path, env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+        start_new_session=True)
 
 
 def stop_ray_nodes(*procs: subprocess.Popen | None, grace: float = 30) -> None:
-    """Stop `ray start --block` nodes (each started with start_new_session=True and
-    RAY_NODE_ENV in its environment).
-
-    SIGTERM goes to the `ray start` process, which stops its own raylet, GCS and workers.
-    Since Ray 2.5x a node first drains for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s)
-    until it is idle, which a head with job or dashboard actors never is; these test
-    clusters are their test's alone, so RAY_NODE_ENV turns the drain off. Whatever is left
-    after `grace` seconds is killed with its process group."""
+    """Stop nodes from start_ray_node: SIGTERM to each `ray start` process, which stops its
+    own raylet, GCS and workers (signalling the group would stop the GCS first); whatever
+    is left after `grace` seconds is killed with its process group."""
     live = [p for p in procs if p is not None and p.poll() is None]
     for proc in live:
         proc.terminate()

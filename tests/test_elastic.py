@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netutil import RAY_NODE_ENV, free_port, start_logged, stop_ray_nodes
+from netutil import free_port, start_logged, start_ray_node, stop_ray_nodes
 
 from pipeline import tracking
 
@@ -23,16 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 def _node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """One `ray start --block` node on loopback with its own agent/metrics ports (the
-    defaults may be held by the test session's Ray)."""
-    return start_logged(
-        [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
-         "--dashboard-agent-listen-port", str(free_port()),
-         "--dashboard-agent-grpc-port", str(free_port()),
-         "--metrics-export-port", str(free_port()),
-         "--runtime-env-agent-port", str(free_port()),
-         "--object-store-memory", str(200 * 1024**2), *args],
-        log, env=env, start_new_session=True)
+    return start_ray_node(BIN / "ray", args, log, env)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -92,7 +83,7 @@ def test_elastic_run_survives_losing_a_node_and_grows_back(image_shards, tmp_pat
     # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) before settling for one. 0.5 s x 3 here,
     # and a 10 s start timeout as the fallback (the timeout only bounds waiting for the
     # placement group, which live nodes grant at once).
-    env = {**os.environ, **RAY_NODE_ENV, "RAY_AUTH_MODE": "disabled",
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_health_check_period_ms": "500",
            "RAY_health_check_failure_threshold": "3",

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netutil import RAY_NODE_ENV, free_port, start_logged, stop_ray_nodes, wait_http
+from netutil import free_port, start_ray_node, stop_ray_nodes, wait_http
 
 from pipeline import tracking
 
@@ -23,20 +23,14 @@ def ray_cluster(tmp_path):
     leaving the test session's own Ray alone (`ray stop` would kill every Ray here)."""
     port, dash = free_port(), free_port()
     temp = Path(f"/tmp/hipray-{port}")  # short: Ray's unix socket paths have a length limit
-    env = {**os.environ, **RAY_NODE_ENV, "RAY_AUTH_MODE": "disabled",
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = start_logged(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(port), "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--include-dashboard", "true",
-         # Own agent/metrics ports: the defaults (52365...) may be held by the test
-         # session's Ray, and a head whose job agent cannot bind accepts no jobs.
-         "--dashboard-agent-listen-port", str(free_port()),
-         "--dashboard-agent-grpc-port", str(free_port()),
-         "--metrics-export-port", str(free_port()),
-         "--object-store-memory", str(300 * 1024**2), "--temp-dir", str(temp)],
-        tmp_path / "ray-head.log", env=env, start_new_session=True)
+    proc = start_ray_node(
+        BIN / "ray", ["--head", "--port", str(port), "--num-cpus", "2",
+                      "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                      "--include-dashboard", "true", "--temp-dir", str(temp)],
+        tmp_path / "ray-head.log", env, object_store_mb=300)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", 120, proc)
         yield f"http://127.0.0.1:{dash}", env
